@@ -1,0 +1,218 @@
+"""Backbones: load any causal LM + tokenizer from a hub id or local path, and build the offline tiny one.
+
+The tiny backbone (`domino backbone tiny --out DIR`) is what tests and the quickstart run on, since no
+weights can be downloaded here: a byte-level BPE tokenizer trained with `tokenizers` on the local
+Python standard library, a small Llama config and optional short pretraining on the same source so it
+writes Python-looking text. Same seed, same Python -> same files. vLLM and `from_pretrained` load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = [
+    "TINY_SPECIAL_TOKENS",
+    "build_tiny_backbone",
+    "load_backbone",
+    "load_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+    "backbone_signature",
+    "ensure_backbone",
+]
+
+log = logging.getLogger(__name__)
+
+EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
+TINY_SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+# ChatML: the same layout many instruct models use, so chat-template code paths are exercised.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Fields that decide whether soft tokens learned on one model fit another.
+_SIGNATURE_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "vocab_size")
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("backbone.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
+    """auto = bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy for tiny models)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def backbone_signature(model_config: Any) -> str:
+    """A short hash of the architecture fields; equal signatures mean soft tokens are transferable."""
+    cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    core = {k: cfg.get(k) for k in _SIGNATURE_FIELDS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"cannot load the tokenizer of {model!r}: {e}. Give a local model directory or a hub id "
+            f"(offline machines: build one with `domino backbone tiny --out DIR`)."
+        ) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_backbone(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                  frozen: bool = True):
+    """(model, tokenizer) from a hub id or local path, on `device`, in eval mode, frozen unless asked."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    tok = load_tokenizer(model, trust_remote_code)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load the model {model!r}: {e}") from e
+    lm.to(device).eval()
+    if frozen:
+        lm.requires_grad_(False)
+    return lm, tok
+
+
+def _python_source_files(max_bytes: int) -> list[Path]:
+    """Sorted standard-library sources up to `max_bytes`: the same corpus on every machine with this Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for f in sorted(root.glob("*.py")):
+        size = f.stat().st_size
+        if total + size > max_bytes:
+            continue
+        files.append(f)
+        total += size
+    if not files:
+        raise RuntimeError(f"no Python sources found under {root} to train the tiny tokenizer on")
+    return files
+
+
+def _train_tokenizer(files: list[Path], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None,
+        chat_template=TINY_CHAT_TEMPLATE, model_max_length=1024,
+    )
+
+
+def _pretrain(model, tokenizer, files: list[Path], steps: int, seq_len: int, batch: int, seed: int) -> list[float]:
+    """A few hundred steps of next-token prediction on the source: enough to write Python-looking text."""
+    import torch
+
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    n_windows = (len(ids) - 1) // seq_len
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    model.train()
+    losses = []
+    for step in range(steps):
+        rows = torch.randint(0, n_windows, (batch,), generator=gen)
+        x = windows[rows]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if step % 100 == 0 or step == steps - 1:
+            log.info("tiny backbone pretrain step %d/%d loss %.3f", step + 1, steps, losses[-1])
+    model.eval()
+    return losses
+
+
+def build_tiny_backbone(out_dir: str | Path, seed: int = 0, pretrain_steps: int = 300, vocab_size: int = 2048,
+                        hidden_size: int = 256, num_layers: int = 2, num_heads: int = 4, seq_len: int = 128,
+                        batch_size: int = 16, corpus_bytes: int = 2_000_000) -> Path:
+    """Write a deterministic tiny Llama + tokenizer to `out_dir`; returns the directory.
+
+    head_dim = hidden_size / num_heads = 64, a size every vLLM attention backend supports.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    files = _python_source_files(corpus_bytes)
+    tokenizer = _train_tokenizer(files, vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    losses = _pretrain(model, tokenizer, files, pretrain_steps, seq_len, batch_size, seed) if pretrain_steps else []
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    meta = {"kind": "domino-tiny", "seed": seed, "pretrain_steps": pretrain_steps, "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size, "corpus_files": len(files), "final_loss": losses[-1] if losses else None,
+            "build_seconds": round(time.time() - t0, 1)}
+    (out / "domino_tiny.json").write_text(json.dumps(meta, indent=2))
+    log.info("tiny backbone written to %s (%s)", out, meta)
+    return out
+
+
+def ensure_backbone(model: str, build_if_missing: bool, pretrain_steps: int, seed: int = 0) -> str:
+    """Return `model`, building the tiny backbone there first when asked and it is a missing local dir."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").exists():
+        if not build_if_missing:
+            raise FileNotFoundError(
+                f"backbone.model {model!r} is not a model directory (no config.json). Build the offline one with "
+                f"`domino backbone tiny --out {model}` or set backbone.build_tiny_if_missing: true.")
+        build_tiny_backbone(path, seed=seed, pretrain_steps=pretrain_steps)
+    return str(path) if looks_local else model
+
+
+def tiny_backbone_info(model_dir: str | Path) -> Optional[dict]:
+    p = Path(model_dir) / "domino_tiny.json"
+    return json.loads(p.read_text()) if p.exists() else None

@@ -1,0 +1,183 @@
+"""`domino` command line: one subcommand per job, each taking `--config CFG` and `--output URI`.
+
+Heavy libraries are imported inside the subcommands, so `domino --help` and `domino config` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _load(args):
+    from domino_ray.config import load_config
+
+    return load_config(args.config, output=getattr(args, "output", None))
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_config(args) -> int:
+    from domino_ray.config import dump_config, example_yaml
+
+    if args.example:
+        sys.stdout.write(example_yaml())
+    elif args.check:
+        cfg = _load(args)
+        sys.stdout.write(dump_config(cfg))
+    else:
+        print("use --example to print a full commented config, or --check CFG to validate one", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_backbone_tiny(args) -> int:
+    from domino_ray.backbone import build_tiny_backbone
+
+    out = build_tiny_backbone(args.out, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    print(out)
+    return 0
+
+
+def cmd_learn(args) -> int:
+    from domino_ray.learn import run_learn
+
+    _print_json(run_learn(_load(args)))
+    return 0
+
+
+def cmd_synthesize(args) -> int:
+    from domino_ray.synthesize import run_synthesize
+
+    _print_json(run_synthesize(_load(args), overwrite=args.overwrite))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from domino_ray.synthesize.export import export_records
+
+    n = export_records(args.run, args.format, args.out, config_path=args.config)
+    print(f"wrote {n} accepted records to {args.out}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from domino_ray.finetune import run_finetune
+
+    _print_json(run_finetune(_load(args)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from domino_ray.evaluate import run_evaluate
+
+    _print_json(run_evaluate(_load(args), model=args.model, lora=args.lora, name=args.name))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from domino_ray.pipeline import run_pipeline
+
+    _print_json(run_pipeline(_load(args)))
+    return 0
+
+
+def cmd_sandbox_exec(args) -> int:
+    from domino_ray.sandbox import cli_exec
+
+    return cli_exec(args)
+
+
+def cmd_report(args) -> int:
+    from domino_ray.report import build_report
+
+    out = build_report(args.run, compare=args.compare or [], config_path=args.config)
+    print(out)
+    return 0
+
+
+def _add_job(sub, name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.add_argument("--config", required=True, help="YAML config file (see `domino config --example`)")
+    p.add_argument("--output", default=None, help="run root URI; overrides run.output (local path or s3://bucket/prefix)")
+    p.set_defaults(fn=fn)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="domino", description="DOMINO domain-specific data synthesis on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the example config or validate one")
+    p.add_argument("--example", action="store_true", help="print a full commented config with every default")
+    p.add_argument("--check", dest="config", default=None, metavar="CFG", help="validate CFG and print it resolved")
+    p.set_defaults(fn=cmd_config, check=None)
+
+    p = sub.add_parser("backbone", help="backbone utilities")
+    bsub = p.add_subparsers(dest="backbone_command", required=True)
+    t = bsub.add_parser("tiny", help="build the offline tiny backbone (tokenizer + small Llama)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--pretrain-steps", type=int, default=300, help="short pretraining on Python source (0 = random weights)")
+    t.set_defaults(fn=cmd_backbone_tiny)
+
+    _add_job(sub, "learn", cmd_learn, "learn the domain soft tokens D with Ray Train")
+    p = _add_job(sub, "synthesize", cmd_synthesize, "generate, grade and filter synthetic records with Ray Data")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output made with a different config")
+    _add_job(sub, "finetune", cmd_finetune, "SFT on accepted records with Ray Train (LoRA or full)")
+    p = _add_job(sub, "evaluate", cmd_evaluate, "pass@k of a model on the configured benchmark")
+    p.add_argument("--model", default=None, help="model to evaluate (default: evaluate.engine.model or the backbone)")
+    p.add_argument("--lora", default=None, help="LoRA adapter directory to apply")
+    p.add_argument("--name", default=None, help="result name under <run>/eval/ (default: derived from the model)")
+    _add_job(sub, "run", cmd_run, "learn -> synthesize -> finetune -> evaluate -> report")
+
+    p = sub.add_parser("export", help="write accepted records for SFT tools")
+    p.add_argument("--run", required=True, help="run root URI")
+    p.add_argument("--format", choices=["chat-jsonl", "alpaca"], default="chat-jsonl")
+    p.add_argument("--out", required=True, help="output JSONL path or s3:// URI")
+    p.add_argument("--config", default=None, help="config with storage settings (for s3 runs)")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("sandbox", help="sandboxed execution of untrusted code")
+    ssub = p.add_subparsers(dest="sandbox_command", required=True)
+    e = ssub.add_parser("exec", help="run one program in the sandbox and print the result")
+    e.add_argument("--file", required=True, help="Python file to run")
+    e.add_argument("--stdin", default=None, help="file fed to the program's stdin")
+    e.add_argument("--timeout", type=float, default=None, help="wall-clock limit in seconds")
+    e.add_argument("--strict", action="store_true", help="refuse to run when an isolation layer is unavailable")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--config", default=None, help="config whose sandbox section to use")
+    e.set_defaults(fn=cmd_sandbox_exec)
+
+    p = sub.add_parser("report", help="HTML/Markdown report of a run, optionally compared with others")
+    p.add_argument("--run", required=True, help="run root URI")
+    p.add_argument("--compare", nargs="*", default=[], help="other run roots to put side by side")
+    p.add_argument("--config", default=None, help="config with storage settings (for s3 runs)")
+    p.set_defaults(fn=cmd_report)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from domino_ray.config import ConfigError
+    from domino_ray.storage import StorageError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, StorageError, FileNotFoundError, ValueError) as e:
+        print(f"domino {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

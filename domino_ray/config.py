@@ -1,0 +1,406 @@
+"""The one configuration module: every job reads one YAML file validated by these pydantic models.
+
+Rules (DESIGN.md section 5, STYLE.md 6):
+- unknown keys are an error, reported with the dotted path of the key;
+- every field has a default and a description that says what it trades; `domino config --example`
+  prints a commented YAML built from these descriptions, which loads back unchanged;
+- presets (`tiny`, `paper`) fill values the user did not set; values in the file always win;
+- all validation errors are collected and raised together as one `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DominoConfig",
+    "PRESETS",
+    "load_config",
+    "config_from_dict",
+    "example_yaml",
+    "dump_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message lists every problem with its key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    name: str = Field("domino", description="Run name; ids of synthetic samples derive from it, so a re-run with the same name resumes.")
+    output: str = Field("./runs/domino", description="Run root URI (local path or s3://bucket/prefix). Every artifact goes under it; `--output` overrides it.")
+    seed: int = Field(0, description="Global seed: soft-token init, sample sharding, per-request generation seeds.")
+
+
+class S3Config(_Section):
+    endpoint_url: Optional[str] = Field(None, description="S3 endpoint, e.g. http://minio:9000 for MinIO; null = AWS. pyarrow ignores AWS_ENDPOINT_URL, so set it here.")
+    region: str = Field("us-east-1", description="Region; MinIO accepts any value but pyarrow needs one.")
+    access_key_id: Optional[str] = Field(None, description="Prefer the standard AWS_ACCESS_KEY_ID variable or a profile; set here only for throwaway test stores.")
+    secret_access_key: Optional[str] = Field(None, description="Prefer AWS_SECRET_ACCESS_KEY; see access_key_id.")
+    session_token: Optional[str] = Field(None, description="Temporary-credential token (AWS_SESSION_TOKEN).")
+    profile: Optional[str] = Field(None, description="Named AWS profile from ~/.aws/credentials (boto3 only; resolved to keys for pyarrow).")
+    connect_timeout_s: float = Field(5.0, description="Seconds before an unreachable endpoint is reported; low values fail fast, high values tolerate slow networks.")
+
+
+class StorageConfig(_Section):
+    s3: S3Config = Field(default_factory=S3Config, description="S3/MinIO settings shared by every s3:// URI.")
+
+
+# ---------------------------------------------------------------------------------------- backbone
+class BackboneConfig(_Section):
+    model: str = Field("./runs/tiny-backbone", description="Frozen LM: a Hugging Face hub id or a local directory (e.g. one written by `domino backbone tiny`).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python; off because it executes downloaded code.")
+    build_tiny_if_missing: bool = Field(False, description="If `model` is a missing local path, build the offline tiny backbone there (quickstart only).")
+    tiny_pretrain_steps: int = Field(300, ge=0, description="Pretraining steps when the tiny backbone is built; more steps write more Python-like text but take longer.")
+
+
+# -------------------------------------------------------------------------------------- references
+class ReferencesConfig(_Section):
+    source: str = Field("humaneval:0:100", description="JSONL/Parquet file or folder (local or s3://), or a built-in slice like humaneval:0:100.")
+    text_field: str = Field("text", description="Column/key holding the reference text (ignored for built-in slices).")
+    max_tokens: int = Field(512, ge=8, description="Longest reference in tokens (EOS included); longer samples are truncated or rejected.")
+    overlong: Literal["truncate", "reject"] = Field("truncate", description="truncate: cut to max_tokens and count; reject: fail naming the file and line.")
+    prefix: str = Field("", description="Fixed text placed after the soft tokens in training and generation (same in both); empty = none.")
+
+
+# ------------------------------------------------------------------------------------------- learn
+class LearnConfig(_Section):
+    num_domain_tokens: int = Field(16, ge=1, description="P, number of domain soft tokens D. More tokens hold more domain detail; paper uses 256.")
+    num_sample_tokens: int = Field(8, ge=1, description="Q, soft tokens per reference sample S_i (training only). Paper uses 256.")
+    batch_size: int = Field(4, ge=2, description="B samples per worker step; >= 2 because the contrastive denominator needs a negative. M costs B^2 row forwards.")
+    epochs: int = Field(3, ge=1, description="Passes over the references.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate; soft prompts want large rates.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the soft tokens.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps with linear warm-up before the linear decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of the minimality loss L2. 0 = plain prompt tuning (the L1-only baseline).")
+    tau: float = Field(1.0, gt=0, description="Temperature of the contrastive loss.")
+    contrastive: Literal["paper", "infonce", "released"] = Field("paper", description="L2 variant (DESIGN section 1): paper, infonce (denominator includes i), released (authors' code).")
+    normalize: Literal["sample", "token"] = Field("sample", description="NLL averaging: per sample (length-normalised) or over all tokens of the batch.")
+    init: Literal["vocab", "normal"] = Field("vocab", description="Soft-token init: embeddings of random vocabulary tokens, or normal with the embedding table's std.")
+    chunk_rows: int = Field(0, ge=0, description="Rows of M per forward chunk; 0 = all B^2 at once. Lower it when memory is short.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers; the LM is replicated on each, D is all-reduced.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU. Soft tokens stay fp32 either way.")
+    checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint frequency; resume restarts from the latest.")
+    max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker failures to recover from by restoring the latest checkpoint.")
+    log_every_steps: int = Field(1, ge=1, description="Metrics reporting interval.")
+
+
+# ------------------------------------------------------------------------------------------ engine
+class EngineConfig(_Section):
+    kind: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable and usable here, else transformers; the reason is logged.")
+    model: Optional[str] = Field(None, description="Model for this engine; null = the backbone.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype; auto = bf16 on GPU, fp32 on CPU.")
+    max_model_len: int = Field(2048, ge=64, description="Context length the engine reserves KV cache for.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM memory fraction. On the CPU backend it is the fraction of host RAM; the engines use cpu_kv_cache_gb there instead.")
+    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU backend KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    enable_prefix_caching: bool = Field(True, description="Shared soft prefix D is cached across requests.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per engine).")
+    chat_template: bool = Field(False, description="Wrap text prompts with the tokenizer's chat template (instruct models).")
+    lora_path: Optional[str] = Field(None, description="LoRA adapter directory applied to every request (evaluating fine-tuned models).")
+
+
+class PoolConfig(_Section):
+    min_actors: int = Field(1, ge=1, description="Autoscaling pool lower bound; engines are slow to start, so keep warm ones.")
+    max_actors: int = Field(1, ge=1, description="Autoscaling pool upper bound.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on GPU clusters).")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per actor. Fractional on small CPU clusters so read/write tasks are not starved (DESIGN section 10).")
+    batch_size: int = Field(16, ge=1, description="Rows per map_batches call; large batches saturate the engine, small ones lose less on failure.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PoolConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(0.8, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="0 = off.")
+    max_tokens: int = Field(256, ge=1, description="Generated tokens per request.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+
+
+# -------------------------------------------------------------------------------------- synthesize
+class DraftStageConfig(_Section):
+    enabled: bool = Field(True, description="Sample drafts from D (the only stage that uses the soft prompt).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine owning the soft prompt (prompt embeds on).")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool for draft engines.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Draft sampling; seeds derive from (run.seed, seed index).")
+
+
+class RespondStageConfig(_Section):
+    enabled: bool = Field(True, description="Instruct model writes a solution for each draft.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(chat_template=True), description="Plain-text engine (may be a different instruct model).")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool.")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.2, max_tokens=384), description="Response sampling.")
+    write_tests: bool = Field(False, description="Also ask for assert-style tests, executed by the execute stage.")
+    prompt_template: str = Field(
+        "Solve the following programming problem in Python.\n\n{draft}\n\nAnswer with one ```python code block.",
+        description="Prompt for the response; {draft} is replaced by the drafted problem.",
+    )
+    tests_template: str = Field(
+        "Write Python assert statements that test a correct solution of this problem.\n\n{draft}\n\nAnswer with one ```python code block of asserts.",
+        description="Prompt for self-written tests when write_tests is on; {draft} as above.",
+    )
+
+
+class JudgeStageConfig(_Section):
+    enabled: bool = Field(True, description="LLM grade of draft + response with a fixed rubric.")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(chat_template=True), description="Judge engine.")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool.")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=64), description="Judge sampling; greedy keeps grades stable.")
+    rubric: str = Field(
+        "Rate the programming problem and its solution from 1 to 10 for clarity, correctness and usefulness "
+        "as training data.\n\nProblem:\n{draft}\n\nSolution:\n{response}\n\nReply as: Score: <1-10>",
+        description="Judge prompt; {draft} and {response} are replaced. The parser accepts 'Score: N', 'N/10', JSON {\"score\": N}.",
+    )
+    threshold: float = Field(5.0, description="Minimum score to accept; an unparseable answer is a rejection with reason judge_unparsed.")
+    scale_max: float = Field(10.0, gt=0, description="Top of the rubric's scale; scores above it are unparsed.")
+
+
+class ExecuteStageConfig(_Section):
+    enabled: bool = Field(False, description="Run responses against their tests in the sandbox (needs respond.write_tests or tests in drafts).")
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(num_cpus=0.25, batch_size=8), description="Sandbox actor pool.")
+
+
+class FilterStageConfig(_Section):
+    enabled: bool = Field(True, description="Syntax, dedup, decontamination and novelty checks.")
+    syntax: bool = Field(True, description="Code in the response must parse with Python's ast.")
+    dedup: bool = Field(True, description="Exact and MinHash near-duplicate removal (the first seed index of a cluster is kept).")
+    dedup_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard threshold of MinHash LSH over word 5-gram shingles.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations; more = more exact, slower.")
+    decontaminate: list[str] = Field(default_factory=lambda: ["humaneval"], description="Evaluation sets (built-in names or JSONL paths) whose n-grams must not appear in drafts.")
+    decontam_ngram: int = Field(13, ge=3, description="n of the word n-gram overlap used for decontamination (13 as in GPT-3 decontamination).")
+    novelty_ngram: int = Field(8, ge=2, description="n for novelty against the references.")
+    novelty_max_overlap: float = Field(0.5, ge=0, le=1, description="A draft sharing more than this fraction of its n-grams with one reference is a memorised copy.")
+
+
+class SynthesizeConfig(_Section):
+    num_samples: int = Field(64, ge=1, description="N seeds; each produces exactly one record.")
+    block_size: int = Field(16, ge=1, description="Seeds per output block (one Parquet file). Resume redoes at most the blocks in flight.")
+    draft: DraftStageConfig = Field(default_factory=DraftStageConfig, description="Draft stage.")
+    respond: RespondStageConfig = Field(default_factory=RespondStageConfig, description="Respond stage.")
+    judge: JudgeStageConfig = Field(default_factory=JudgeStageConfig, description="Judge stage.")
+    execute: ExecuteStageConfig = Field(default_factory=ExecuteStageConfig, description="Execute stage.")
+    filter: FilterStageConfig = Field(default_factory=FilterStageConfig, description="Filter stage.")
+
+
+# ----------------------------------------------------------------------------------------- sandbox
+class SandboxConfig(_Section):
+    timeout_s: float = Field(10.0, gt=0, description="Wall-clock limit per execution; the whole process group is killed.")
+    cpu_s: int = Field(10, ge=1, description="RLIMIT_CPU seconds.")
+    memory_mb: int = Field(1024, ge=64, description="RLIMIT_AS in MiB.")
+    file_size_mb: int = Field(16, ge=1, description="RLIMIT_FSIZE in MiB.")
+    max_open_files: int = Field(64, ge=8, description="RLIMIT_NOFILE.")
+    max_processes: int = Field(32, ge=1, description="RLIMIT_NPROC for the sandbox uid (needs a non-root uid to hold).")
+    max_output_bytes: int = Field(65536, ge=1024, description="Captured stdout/stderr cap each.")
+    strict: bool = Field(False, description="Refuse to run when any isolation layer is unavailable.")
+    uid: int = Field(65534, description="Unprivileged uid/gid programs run as (nobody).")
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(min_actors=1, max_actors=2, num_cpus=0.25, batch_size=8), description="Sandbox actor pool shared by evaluation and the execute stage.")
+
+
+# ---------------------------------------------------------------------------------------- finetune
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names to adapt.")
+
+
+class FinetuneConfig(_Section):
+    enabled: bool = Field(True, description="Run the finetune stage in `domino run`.")
+    base_model: Optional[str] = Field(None, description="Model to fine-tune; null = the backbone.")
+    method: Literal["lora", "full"] = Field("lora", description="LoRA via peft (small adapter) or full fine-tuning.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    epochs: int = Field(1, ge=1, description="Passes over the accepted records.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, description="Sequences per worker step.")
+    max_length: int = Field(1024, ge=16, description="Tokens per training sequence.")
+    packing: bool = Field(False, description="Pack several examples per sequence (faster, loss still only on responses).")
+    chat_template: bool = Field(True, description="Format records with the tokenizer's chat template.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
+    merge: bool = Field(False, description="Also write a merged model (base + adapter) that any engine loads.")
+    max_failures: int = Field(1, ge=0, description="Worker failures to recover from.")
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(_Section):
+    enabled: bool = Field(True, description="Run the evaluate stage in `domino run`.")
+    benchmark: str = Field("humaneval:100:164", description="humaneval[:start:end], livecodebench:PATH, evalplus:PATH or jsonl:PATH.")
+    num_samples: int = Field(1, ge=1, description="n completions per problem.")
+    k: list[int] = Field(default_factory=lambda: [1], description="k values of pass@k (each <= num_samples).")
+    prompt_style: Literal["completion", "chat"] = Field("completion", description="completion for base models, chat for instruct models.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine for completions (model null = backbone).")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool of completion engines.")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=256), description="Completion sampling (greedy for pass@1).")
+    compare_base: bool = Field(True, description="In `domino run`, evaluate the starting model too and report the delta.")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> "EvaluateConfig":
+        bad = [k for k in self.k if k > self.num_samples or k < 1]
+        if bad:
+            raise ValueError(f"k values {bad} must be between 1 and num_samples ({self.num_samples})")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ report
+class ReportConfig(_Section):
+    enabled: bool = Field(True, description="Write <run>/report/ at the end of `domino run`.")
+    heldout: Optional[str] = Field(None, description="Held-out real samples (same formats as references) for fidelity metrics.")
+    max_samples: int = Field(500, ge=10, description="Cap on samples embedded per set (embedding is the slow part).")
+    memorization_min_run: int = Field(20, ge=4, description="A synthetic sample whose longest common token run with a reference exceeds this is memorised.")
+
+
+# -------------------------------------------------------------------------------------------- root
+class DominoConfig(_Section):
+    preset: Optional[Literal["tiny", "paper"]] = Field(None, description="Fill unset values from a preset: tiny (offline demo, tests) or paper (authors' 7B settings).")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and root.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object storage.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="The frozen LM.")
+    references: ReferencesConfig = Field(default_factory=ReferencesConfig, description="Reference samples that define the domain.")
+    learn: LearnConfig = Field(default_factory=LearnConfig, description="Prompt learning (Ray Train).")
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig, description="Generation and quality stages (Ray Data).")
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig, description="Untrusted-code execution.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="SFT on accepted records (Ray Train).")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Pass@k evaluation.")
+    report: ReportConfig = Field(default_factory=ReportConfig, description="Run report.")
+
+    def section_dict(self, name: str) -> dict[str, Any]:
+        """One section as plain data (for manifests and stage fingerprints)."""
+        return getattr(self, name).model_dump(mode="json", by_alias=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# LearnConfig.lambda_ is spelled `lambda` in YAML.
+LearnConfig.model_config["populate_by_name"] = True
+LearnConfig.model_rebuild(force=True)
+DominoConfig.model_rebuild(force=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Offline demo and tests: seconds per step on 2 CPU cores.
+    "tiny": {
+        "learn": {"num_domain_tokens": 8, "num_sample_tokens": 4, "batch_size": 4, "epochs": 3, "lr": 5e-3},
+        "references": {"max_tokens": 256},
+        "synthesize": {"num_samples": 32, "draft": {"sampling": {"max_tokens": 96}}},
+    },
+    # The authors' settings for a 7B coder model (DESIGN section 1).
+    "paper": {
+        "learn": {"num_domain_tokens": 256, "num_sample_tokens": 256, "batch_size": 3, "epochs": 10,
+                  "precision": "bf16", "use_gpu": True, "lr": 1e-3},
+        "references": {"max_tokens": 1024},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {path}: unknown key (check spelling; `domino config --example` lists every key)")
+        else:
+            lines.append(f"  - {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any] | None, source: str = "<config>") -> DominoConfig:
+    """Validate plain data (applying its preset first); raises ConfigError naming every bad key."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    preset = data.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        data = _deep_merge(PRESETS[preset], data)
+    try:
+        return DominoConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path, output: str | None = None, overrides: dict[str, Any] | None = None) -> DominoConfig:
+    """Read a YAML config file; `output` overrides run.output (the `--output` flag)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = _deep_merge(data, overrides)
+    if output:
+        data = _deep_merge(data, {"run": {"output": output}})
+    return config_from_dict(data, source=str(path))
+
+
+def dump_config(cfg: DominoConfig) -> str:
+    """The config as plain YAML (what manifests store)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def _example_lines(model: BaseModel, indent: int) -> list[str]:
+    lines: list[str] = []
+    pad = " " * indent
+    for name, field in type(model).model_fields.items():
+        key = field.alias or name
+        value = getattr(model, name)
+        desc = (field.description or "").strip()
+        if desc:
+            lines.append(f"{pad}# {desc}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{key}:")
+            lines.extend(_example_lines(value, indent + 2))
+        else:
+            lines.append(f"{pad}{key}: {_yaml_scalar(value)}")
+    return lines
+
+
+def example_yaml() -> str:
+    """A full commented config with every key at its default; loads back to the defaults."""
+    header = [
+        "# domino-ray config: every key with its default. Run: domino run --config THIS.yaml",
+        "# Set only what differs; unknown keys are an error.",
+    ]
+    return "\n".join(header + _example_lines(DominoConfig(), 0)) + "\n"

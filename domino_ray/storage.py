@@ -1,0 +1,231 @@
+"""The one storage module: every input and output is a URI, a local path or `s3://bucket/prefix`.
+
+One `S3Config` builds one `pyarrow.fs.S3FileSystem` (pyarrow ignores AWS_ENDPOINT_URL, so the
+endpoint is passed as `endpoint_override`) and one boto3 client (DESIGN.md section 7). Both read
+credentials from the config, else the standard AWS variables or a profile. Unreachable endpoints,
+missing buckets and bad credentials raise `StorageError` with the URI and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from domino_ray.config import S3Config
+
+__all__ = ["StorageError", "Storage", "is_s3", "split_s3", "join_uri"]
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used; the message names the URI and what to check."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
+    if not is_s3(uri):
+        raise StorageError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"s3 URI has no bucket: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or s3 URI."""
+    if is_s3(base):
+        return "s3://" + posixpath.join(base[len("s3://"):].rstrip("/"), *[p.strip("/") for p in parts])
+    return str(Path(base, *parts))
+
+
+class Storage:
+    """Filesystem access for local paths and s3:// URIs through one S3 configuration."""
+
+    def __init__(self, s3: Optional[S3Config] = None):
+        self.s3 = s3 or S3Config()
+
+    # -- construction of the two clients ---------------------------------------------------------
+    def _credentials(self) -> dict[str, Optional[str]]:
+        key, secret, token = self.s3.access_key_id, self.s3.secret_access_key, self.s3.session_token
+        if key is None and self.s3.profile:
+            import boto3
+
+            creds = boto3.Session(profile_name=self.s3.profile).get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                key, secret, token = frozen.access_key, frozen.secret_key, frozen.token
+        key = key or os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = secret or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        token = token or os.environ.get("AWS_SESSION_TOKEN")
+        return {"access_key": key, "secret_key": secret, "session_token": token}
+
+    @functools.cached_property
+    def s3_filesystem(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, Any] = {
+            "region": self.s3.region,
+            "connect_timeout": self.s3.connect_timeout_s,
+            "request_timeout": max(30.0, self.s3.connect_timeout_s),
+        }
+        creds = self._credentials()
+        if creds["access_key"] and creds["secret_key"]:
+            kwargs.update({k: v for k, v in creds.items() if v})
+        if self.s3.endpoint_url:
+            scheme, _, host = self.s3.endpoint_url.partition("://")
+            kwargs["endpoint_override"] = host or scheme
+            kwargs["scheme"] = scheme if host else "https"
+        return pafs.S3FileSystem(**kwargs)
+
+    @functools.cached_property
+    def boto3_client(self):
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.Session(profile_name=self.s3.profile) if self.s3.profile else boto3.Session()
+        creds = self._credentials()
+        return session.client(
+            "s3",
+            endpoint_url=self.s3.endpoint_url,
+            region_name=self.s3.region,
+            aws_access_key_id=creds["access_key"],
+            aws_secret_access_key=creds["secret_key"],
+            aws_session_token=creds["session_token"],
+            config=Config(connect_timeout=self.s3.connect_timeout_s, retries={"max_attempts": 2}),
+        )
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, path within it) for a URI; s3 paths are `bucket/key` (no scheme)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            return self.s3_filesystem, f"{bucket}/{key}".rstrip("/")
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+
+    # -- checks ----------------------------------------------------------------------------------
+    def check_writable_root(self, uri: str) -> None:
+        """Fail early, with the fix, when an s3 run root cannot be used (endpoint, bucket, credentials)."""
+        if not is_s3(uri):
+            Path(uri).expanduser().mkdir(parents=True, exist_ok=True)
+            return
+        bucket, _ = split_s3(uri)
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = self.s3.endpoint_url or "AWS S3"
+        try:
+            self.boto3_client.head_bucket(Bucket=bucket)
+        except EndpointConnectionError as e:
+            raise StorageError(f"{uri}: cannot reach the S3 endpoint {where} ({e}); check storage.s3.endpoint_url and the network") from e
+        except NoCredentialsError as e:
+            raise StorageError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.s3.profile") from e
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {where}; create it first") from e
+            if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+                raise StorageError(f"{uri}: S3 refused the credentials for bucket {bucket!r} at {where} ({code}); check the access key and secret") from e
+            raise StorageError(f"{uri}: S3 error {code} at {where}: {e}") from e
+        except Exception as e:  # urllib3/botocore connection errors come in several types
+            raise StorageError(f"{uri}: cannot reach the S3 endpoint {where} ({type(e).__name__}: {e}); check storage.s3.endpoint_url") from e
+
+    # -- file operations -------------------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        fs, path = self.filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def read_bytes(self, uri: str) -> bytes:
+        fs, path = self.filesystem(uri)
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise StorageError(f"{uri}: file not found") from e
+        except OSError as e:
+            raise StorageError(f"{uri}: cannot read ({e})") from e
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a whole object; local writes go through a temp file + rename (no torn files)."""
+        fs, path = self.filesystem(uri)
+        if not is_s3(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
+        try:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except OSError as e:
+            raise StorageError(f"{uri}: cannot write ({e})") from e
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_text(uri))
+
+    def write_json(self, uri: str, obj: Any) -> None:
+        self.write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+    def list_files(self, uri: str, suffix: str = "") -> list[str]:
+        """URIs of the files under a prefix (recursive), sorted; empty when the prefix is absent."""
+        fs, path = self.filesystem(uri)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise StorageError(f"{uri}: cannot list ({e})") from e
+        out = []
+        for info in infos:
+            if info.type == pafs.FileType.File and info.path.endswith(suffix):
+                rel = info.path[len(path):].lstrip("/")
+                out.append(join_uri(uri, rel))
+        return sorted(out)
+
+    def delete(self, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+    def upload_dir(self, local_dir: str | Path, uri: str) -> None:
+        """Copy a local folder to a URI (no-op copy when the URI is that folder)."""
+        local_dir = Path(local_dir)
+        for f in sorted(local_dir.rglob("*")):
+            if f.is_file():
+                dest = join_uri(uri, f.relative_to(local_dir).as_posix())
+                if not is_s3(uri) and Path(dest).resolve() == f.resolve():
+                    continue
+                self.write_bytes(dest, f.read_bytes())
+
+    def download_dir(self, uri: str, local_dir: str | Path) -> Path:
+        """Copy everything under a URI to a local folder; returns the folder."""
+        local_dir = Path(local_dir)
+        for src in self.list_files(uri):
+            rel = src[len(uri.rstrip("/")):].lstrip("/")
+            dest = local_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(self.read_bytes(src))
+        return local_dir
+
+    def iter_lines(self, uri: str) -> Iterator[bytes]:
+        yield from self.read_bytes(uri).splitlines()
+
+    def arrow_table(self, uri: str) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        fs, path = self.filesystem(uri)
+        return pq.read_table(path, filesystem=fs)
