@@ -269,6 +269,12 @@ class ReportConfig(_Section):
     heldout: Optional[str] = Field(None, description="Held-out real samples (same formats as references) for fidelity metrics.")
     max_samples: int = Field(500, ge=10, description="Cap on samples embedded per set (embedding is the slow part).")
     memorization_min_run: int = Field(20, ge=4, description="A synthetic sample whose longest common token run with a reference exceeds this is memorised.")
+    heldout_text_field: Optional[str] = Field(None, description="Column/key of the held-out text; null = references.text_field.")
+    samples: Literal["drafts", "accepted"] = Field("drafts", description="Synthetic set the sample metrics judge: every non-empty draft (what D generates; compares runs fairly) or accepted drafts only (what SFT gets).")
+    knn_k: int = Field(3, ge=1, description="k of k-NN precision/recall (Kynkäänniemi et al. use 3); larger k = looser manifolds, higher scores.")
+    overlap_ngram: int = Field(8, ge=2, description="Token n-gram length of the overlap-with-references distribution.")
+    near_duplicate_threshold: float = Field(0.85, gt=0, le=1, description="Word 5-gram Jaccard at which two samples count as near-duplicates (as synthesize.filter.dedup_threshold).")
+    embed_batch_size: int = Field(16, ge=1, description="Texts per backbone forward when embedding; lower it when memory is short.")
 
 
 # -------------------------------------------------------------------------------------------- root
