@@ -139,10 +139,11 @@ class SamplingConfig(_Section):
 
 # -------------------------------------------------------------------------------------- synthesize
 class DraftStageConfig(_Section):
-    enabled: bool = Field(True, description="Sample drafts from D (the only stage that uses the soft prompt).")
+    enabled: bool = Field(True, description="Sample drafts from D (the only stage that uses the soft prompt). false = the no-soft-prompt baseline: drafts sampled from the engine given only references.prefix, no representation needed.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine owning the soft prompt (prompt embeds on).")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool for draft engines.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Draft sampling; seeds derive from (run.seed, seed index).")
+    reject_truncated: bool = Field(True, description="Reject drafts cut off at sampling.max_tokens (reason draft_truncated): an unfinished problem statement makes a bad training pair. Turn off for tiny test models that never stop.")
 
 
 class RespondStageConfig(_Section):
@@ -182,14 +183,17 @@ class ExecuteStageConfig(_Section):
 
 class FilterStageConfig(_Section):
     enabled: bool = Field(True, description="Syntax, dedup, decontamination and novelty checks.")
-    syntax: bool = Field(True, description="Code in the response must parse with Python's ast.")
+    syntax: bool = Field(True, description="Code in the response (first fenced block, else the whole text; the draft when respond is off) must parse with Python's ast.")
     dedup: bool = Field(True, description="Exact and MinHash near-duplicate removal (the first seed index of a cluster is kept).")
-    dedup_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard threshold of MinHash LSH over word 5-gram shingles.")
+    dedup_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard threshold of MinHash LSH over word shingles of the draft.")
+    shingle_size: int = Field(5, ge=1, description="Words per MinHash shingle; smaller shingles call more pairs near-duplicates.")
     num_perm: int = Field(128, ge=16, description="MinHash permutations; more = more exact, slower.")
     decontaminate: list[str] = Field(default_factory=lambda: ["humaneval"], description="Evaluation sets (built-in names or JSONL paths) whose n-grams must not appear in drafts.")
     decontam_ngram: int = Field(13, ge=3, description="n of the word n-gram overlap used for decontamination (13 as in GPT-3 decontamination).")
     novelty_ngram: int = Field(8, ge=2, description="n for novelty against the references.")
     novelty_max_overlap: float = Field(0.5, ge=0, le=1, description="A draft sharing more than this fraction of its n-grams with one reference is a memorised copy.")
+    novelty: bool = Field(True, description="Check drafts against references.source (reason not_novel).")
+    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(num_cpus=0.25, batch_size=64), description="Actor pool of the per-row filters (each actor loads the evaluation n-grams and the reference index once).")
 
 
 class SynthesizeConfig(_Section):
@@ -200,6 +204,24 @@ class SynthesizeConfig(_Section):
     judge: JudgeStageConfig = Field(default_factory=JudgeStageConfig, description="Judge stage.")
     execute: ExecuteStageConfig = Field(default_factory=ExecuteStageConfig, description="Execute stage.")
     filter: FilterStageConfig = Field(default_factory=FilterStageConfig, description="Filter stage.")
+
+    @model_validator(mode="after")
+    def _stage_combinations(self) -> "SynthesizeConfig":
+        problems = []
+        if self.judge.enabled and not self.respond.enabled and "{response}" in self.judge.rubric:
+            problems.append("judge.enabled is true but respond.enabled is false and judge.rubric grades {response}: "
+                            "enable respond, disable judge, or write a rubric without {response}")
+        if self.execute.enabled and not (self.respond.enabled and self.respond.write_tests):
+            problems.append("execute.enabled needs respond.enabled and respond.write_tests (the tests it runs); "
+                            "set respond.write_tests: true or execute.enabled: false")
+        for name, template in (("respond.prompt_template", self.respond.prompt_template),
+                               ("respond.tests_template", self.respond.tests_template),
+                               ("judge.rubric", self.judge.rubric)):
+            if "{draft}" not in template:
+                problems.append(f"{name} has no {{draft}} placeholder, so the model would never see the draft")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # ----------------------------------------------------------------------------------------- sandbox
