@@ -15,6 +15,8 @@ __all__ = [
     "REJECT_REASONS",
     "EXEC_STATUSES",
     "RECORD_SCHEMA",
+    "SYNTH_WORK_SCHEMA",
+    "EXEC_FAILURES",
     "EVAL_RESULT_SCHEMA",
     "sample_id",
     "empty_record",
@@ -43,6 +45,8 @@ REJECT_REASONS = (
 
 # `exec_status` values, shared with the sandbox and evaluation results.
 EXEC_STATUSES = ("passed", "failed", "error", "timeout", "limit", "skipped")
+# The statuses that reject a synthetic sample (reason exec_failed); `skipped` (no tests) does not.
+EXEC_FAILURES = ("failed", "error", "timeout", "limit")
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -72,6 +76,25 @@ RECORD_SCHEMA = pa.schema(
         pa.field("backbone", pa.string()),
         pa.field("representation_sha256", pa.string()),
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# Synthesis work files (<run>/synth/work/part-*.parquet): one per finished seed block, written by the
+# streaming phase before the global dedup pass. RECORD_SCHEMA plus what that pass and the manifest need.
+SYNTH_WORK_SCHEMA = pa.schema(
+    list(RECORD_SCHEMA)
+    + [
+        pa.field("block", pa.int64(), nullable=False),
+        pa.field("dedup_key", pa.string()),  # hash of the normalised draft (exact duplicates)
+        pa.field("minhash", pa.binary()),  # MinHash signature of the draft (near duplicates)
+        pa.field("novelty_overlap", pa.float64()),  # largest n-gram overlap with one reference
+        pa.field("judge_error", pa.string()),  # why the judge answer did not parse
+        pa.field("exec_detail", pa.string()),
+        pa.field("response_prompt_tokens", pa.int64()),
+        pa.field("tests_tokens", pa.int64()),
+        pa.field("tests_prompt_tokens", pa.int64()),
+        pa.field("judge_tokens", pa.int64()),
+        pa.field("judge_prompt_tokens", pa.int64()),
     ]
 )
 
