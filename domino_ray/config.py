@@ -232,9 +232,13 @@ class SandboxConfig(_Section):
     file_size_mb: int = Field(16, ge=1, description="RLIMIT_FSIZE in MiB.")
     max_open_files: int = Field(64, ge=8, description="RLIMIT_NOFILE.")
     max_processes: int = Field(32, ge=1, description="RLIMIT_NPROC for the sandbox uid (needs a non-root uid to hold).")
-    max_output_bytes: int = Field(65536, ge=1024, description="Captured stdout/stderr cap each.")
+    max_output_bytes: int = Field(65536, ge=1024, description="Captured stdout/stderr cap each; a program that prints more is killed (status limit). Raise it for stdin/stdout benchmarks with long expected outputs.")
+    workdir_mb: int = Field(64, ge=1, description="Size of the writable tmpfs working directory (bubblewrap only); bounds what a program can write in total, not only per file.")
     strict: bool = Field(False, description="Refuse to run when any isolation layer is unavailable.")
+    backend: Literal["auto", "bwrap", "unshare", "none"] = Field("auto", description="Isolation tool: auto = bubblewrap when it works here, else `unshare` (network and pid namespaces, no filesystem view), else none. Missing layers are reported; strict refuses.")
+    python: str = Field("auto", description="Interpreter for programs; auto = the plain interpreter this job's Python was built from (sys.base_prefix, never the venv), run with -I. Its install prefix is mounted read-only.")
     uid: int = Field(65534, description="Unprivileged uid/gid programs run as (nobody).")
+    uid_slots: int = Field(16, ge=1, description="Concurrent executions on one node take uids uid, uid-1, ..., uid-slots+1: RLIMIT_NPROC counts per uid, so a fork bomb cannot starve a neighbour. 1 = all share `uid`.")
     pool: PoolConfig = Field(default_factory=lambda: PoolConfig(min_actors=1, max_actors=2, num_cpus=0.25, batch_size=8), description="Sandbox actor pool shared by evaluation and the execute stage.")
 
 
