@@ -6,9 +6,10 @@ order), local or `s3://`, or a built-in benchmark slice such as `humaneval:0:100
 
 Bad input is an error that names the file and line (JSONL line or 1-based Parquet row) and the fix:
 no records, a missing field (the available keys are listed), non-UTF-8 bytes, invalid JSON, empty or
-non-string text. Exact duplicates are dropped (the first is kept) and counted. Each sample is tokenized
-without special tokens and gets the tokenizer's EOS appended, so generation learns to stop; samples
-longer than `max_tokens` (EOS included) are truncated (EOS kept last) or rejected, per `overlong`.
+non-string text (storage that cannot be reached raises `StorageError` instead). Exact duplicates
+are dropped (the first is kept) and counted. Each sample is tokenized without special tokens and
+gets the tokenizer's EOS appended, so generation learns to stop; samples longer than `max_tokens`
+(EOS included) are truncated (EOS kept last) or rejected, per `overlong`.
 
 Pure Python plus pyarrow: no Ray, no torch.
 """
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Optional
 import pyarrow.fs as pafs
 
 from domino_ray.config import ReferencesConfig
-from domino_ray.storage import Storage, StorageError, is_s3
+from domino_ray.storage import Storage, is_s3
 
 __all__ = ["ReferenceError", "ReferenceSet", "load_references", "read_reference_texts", "reference_sha256"]
 
@@ -86,21 +87,15 @@ def _short_name(uri: str, root: str) -> str:
 
 def _source_files(source: str, storage: Storage) -> list[str]:
     """The data files of a source: itself if it is a file, else its .jsonl/.parquet files, sorted."""
-    fs, path = storage.filesystem(source)
-    try:
-        kind = fs.get_file_info(path).type
-    except OSError as e:
-        raise ReferenceError(f"references.source {source!r}: cannot access it ({e})") from e
-    if kind == pafs.FileType.NotFound:
+    if not storage.exists(source):  # unreachable stores raise StorageError with the fix
         raise ReferenceError(f"references.source {source!r}: no such file or folder")
+    fs, path = storage.filesystem(source)
+    kind = fs.get_file_info(path).type
     if kind == pafs.FileType.File:
         if not source.endswith(SUFFIXES):
             raise ReferenceError(f"{source}: unsupported reference file type; use one of {', '.join(SUFFIXES)}")
         return [source]
-    try:
-        every = storage.list_files(source)
-    except StorageError as e:
-        raise ReferenceError(f"references.source {source!r}: {e}") from e
+    every = storage.list_files(source)
     # Hidden and underscore files are tool markers (Spark _SUCCESS, .ipynb_checkpoints), not data.
     files = [f for f in every if f.endswith(SUFFIXES)
              and not any(part.startswith((".", "_")) for part in _short_name(f, source).split("/"))]

@@ -49,6 +49,23 @@ def join_uri(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+# Substrings of pyarrow/AWS SDK error messages -> what the user should check.
+_S3_HINTS = (
+    (("NETWORK_CONNECTION", "Could not connect", "curlCode: 7", "Connection refused"),
+     "cannot reach the S3 endpoint {where}; check storage.s3.endpoint_url and the network"),
+    (("NO_SUCH_BUCKET", "NoSuchBucket"), "the bucket does not exist at {where}; create it first"),
+    (("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden"),
+     "S3 at {where} refused the credentials; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or storage.s3.profile"),
+)
+
+
+def _storage_error(uri: str, action: str, e: OSError, where: str) -> StorageError:
+    """A StorageError for a failed pyarrow call, with the likely fix when the message tells it."""
+    text = str(e)
+    hint = next((h.format(where=where) for keys, h in _S3_HINTS if any(k in text for k in keys)), None)
+    return StorageError(f"{uri}: cannot {action}: {hint} ({text})" if hint else f"{uri}: cannot {action} ({text})")
+
+
 class Storage:
     """Filesystem access for local paths and s3:// URIs through one S3 configuration."""
 
@@ -103,6 +120,10 @@ class Storage:
             config=Config(connect_timeout=self.s3.connect_timeout_s, retries={"max_attempts": 2}),
         )
 
+    @property
+    def _where(self) -> str:
+        return self.s3.endpoint_url or "AWS S3"
+
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """(pyarrow filesystem, path within it) for a URI; s3 paths are `bucket/key` (no scheme)."""
         if is_s3(uri):
@@ -139,7 +160,10 @@ class Storage:
     # -- file operations -------------------------------------------------------------------------
     def exists(self, uri: str) -> bool:
         fs, path = self.filesystem(uri)
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        try:
+            return fs.get_file_info(path).type != pafs.FileType.NotFound
+        except OSError as e:
+            raise _storage_error(uri, "check existence", e, self._where) from e
 
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.filesystem(uri)
@@ -147,9 +171,10 @@ class Storage:
             with fs.open_input_stream(path) as f:
                 return f.read()
         except FileNotFoundError as e:
-            raise StorageError(f"{uri}: file not found") from e
+            where = " (no such key, or no such bucket)" if is_s3(uri) else ""
+            raise StorageError(f"{uri}: file not found{where}") from e
         except OSError as e:
-            raise StorageError(f"{uri}: cannot read ({e})") from e
+            raise _storage_error(uri, "read", e, self._where) from e
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a whole object; local writes go through a temp file + rename (no torn files)."""
@@ -165,7 +190,7 @@ class Storage:
             with fs.open_output_stream(path) as f:
                 f.write(data)
         except OSError as e:
-            raise StorageError(f"{uri}: cannot write ({e})") from e
+            raise _storage_error(uri, "write", e, self._where) from e
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
@@ -185,7 +210,7 @@ class Storage:
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         except OSError as e:
-            raise StorageError(f"{uri}: cannot list ({e})") from e
+            raise _storage_error(uri, "list", e, self._where) from e
         out = []
         for info in infos:
             if info.type == pafs.FileType.File and info.path.endswith(suffix):

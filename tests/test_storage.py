@@ -1,0 +1,182 @@
+"""Tests of domino_ray.storage on local paths and a real S3 endpoint on loopback, errors included.
+
+The shared `s3_server` (moto, in-process) accepts any access key, so wrong credentials are tested
+against a separate `moto_server` process started with INITIAL_NO_AUTH_ACTION_COUNT, which makes moto
+check keys and signatures against its IAM users like real S3 does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from domino_ray.config import S3Config
+from domino_ray.storage import Storage, StorageError, is_s3, join_uri, split_s3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ URIs
+def test_uri_helpers():
+    assert is_s3("s3://b/k") and not is_s3("/tmp/x")
+    assert split_s3("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert split_s3("s3://bucket") == ("bucket", "")
+    assert join_uri("s3://b/runs/", "r1", "/x.json") == "s3://b/runs/r1/x.json"
+    assert join_uri("/tmp/runs", "r1", "x.json") == "/tmp/runs/r1/x.json"
+    with pytest.raises(StorageError, match="no bucket"):
+        split_s3("s3:///key")
+    with pytest.raises(StorageError, match="not an s3:// URI"):
+        split_s3("/local")
+
+
+# --------------------------------------------------------------------------- same ops, both kinds
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    """(storage, root URI) for a local folder and for a fresh bucket on the loopback S3 server."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "store")
+    s3 = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return Storage(s3), f"s3://{bucket}/prefix"
+
+
+def test_read_write_exists_list_delete(root):
+    storage, base = root
+    storage.check_writable_root(base)
+    a, b, c = join_uri(base, "a.txt"), join_uri(base, "sub", "b.json"), join_uri(base, "sub", "deep", "c.bin")
+    assert not storage.exists(a)
+    storage.write_text(a, "héllo\n")
+    storage.write_json(b, {"x": [1, 2]})
+    storage.write_bytes(c, bytes(range(256)))
+    assert storage.exists(a) and storage.exists(join_uri(base, "sub"))
+    assert storage.read_text(a) == "héllo\n"
+    assert storage.read_json(b) == {"x": [1, 2]}
+    assert storage.read_bytes(c) == bytes(range(256))
+    assert list(storage.iter_lines(a)) == ["héllo".encode()]
+    assert storage.list_files(base) == sorted([a, b, c])
+    assert storage.list_files(base, suffix=".json") == [b]
+    assert storage.list_files(join_uri(base, "absent")) == []
+    storage.write_text(a, "replaced")  # overwrite in place
+    assert storage.read_text(a) == "replaced"
+    storage.delete(a)
+    assert not storage.exists(a) and storage.list_files(base) == sorted([b, c])
+    with pytest.raises(StorageError, match="file not found"):
+        storage.read_bytes(a)
+
+
+def test_upload_and_download_dir(root, tmp_path):
+    storage, base = root
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    (src / "one.txt").write_text("1")
+    (src / "nested" / "two.bin").write_bytes(b"\x00\x02")
+    storage.upload_dir(src, join_uri(base, "copy"))
+    assert storage.list_files(join_uri(base, "copy")) == [join_uri(base, "copy", "nested", "two.bin"),
+                                                         join_uri(base, "copy", "one.txt")]
+    out = storage.download_dir(join_uri(base, "copy"), tmp_path / "back")
+    assert (out / "one.txt").read_text() == "1" and (out / "nested" / "two.bin").read_bytes() == b"\x00\x02"
+
+
+def test_arrow_table_round_trip(root, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    storage, base = root
+    table = pa.table({"text": ["a", "b"], "n": [1, 2]})
+    local = tmp_path / "t.parquet"
+    pq.write_table(table, local)
+    storage.write_bytes(join_uri(base, "t.parquet"), local.read_bytes())
+    assert storage.arrow_table(join_uri(base, "t.parquet")).equals(table)
+
+
+def test_local_write_leaves_no_temp_files(tmp_path):
+    storage = Storage()
+    storage.write_text(str(tmp_path / "d" / "f.txt"), "x")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f.txt"]
+
+
+def test_upload_dir_onto_itself_is_a_no_op(tmp_path):
+    (tmp_path / "f.txt").write_text("keep")
+    Storage().upload_dir(tmp_path, str(tmp_path))
+    assert (tmp_path / "f.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------------------- errors
+def test_unreachable_endpoint_is_a_clear_error():
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    storage = Storage(S3Config(endpoint_url=endpoint, access_key_id="k", secret_access_key="s", connect_timeout_s=1))
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=rf"s3://bkt/run: cannot reach the S3 endpoint {endpoint}.*storage.s3.endpoint_url"):
+        storage.check_writable_root("s3://bkt/run")
+    with pytest.raises(StorageError, match=rf"s3://bkt/x: cannot read: cannot reach the S3 endpoint {endpoint}"):
+        storage.read_bytes("s3://bkt/x")
+    with pytest.raises(StorageError, match=rf"cannot check existence: cannot reach the S3 endpoint {endpoint}"):
+        storage.exists("s3://bkt/x")
+    assert time.monotonic() - t0 < 30  # refused connections fail fast, not after long retries
+
+
+def test_missing_bucket_is_a_clear_error(s3_server):
+    storage = Storage(s3_server)
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist at http://127.0.0.1:.*create it first"):
+        storage.check_writable_root("s3://no-such-bucket/run")
+    with pytest.raises(StorageError, match="cannot write: the bucket does not exist at http://127.0.0.1:.*create it first"):
+        storage.write_text("s3://no-such-bucket/run/x.txt", "x")
+    with pytest.raises(StorageError, match="file not found"):
+        storage.read_bytes("s3://no-such-bucket/run/x.txt")
+
+
+@pytest.fixture(scope="module")
+def authenticating_s3():
+    """A moto_server process that checks credentials; yields (endpoint, key id, secret) of its one user."""
+    port = free_port()
+    # The first 3 requests (IAM setup below) are let through; every later one is authenticated.
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="domino")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="domino", PolicyName="s3-all", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="domino")["AccessKey"]
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_wrong_credentials_are_a_clear_error(authenticating_s3):
+    endpoint, key_id, secret = authenticating_s3
+    good = Storage(S3Config(endpoint_url=endpoint, access_key_id=key_id, secret_access_key=secret))
+    good.boto3_client.create_bucket(Bucket="secured")
+    good.write_text("s3://secured/run/ok.txt", "ok")  # the right key works, so the refusals below are about keys
+    assert good.read_text("s3://secured/run/ok.txt") == "ok"
+    for bad_id, bad_secret in (("AKIAWRONGKEY", "wrong"), (key_id, "wrong-secret")):
+        bad = Storage(S3Config(endpoint_url=endpoint, access_key_id=bad_id, secret_access_key=bad_secret))
+        with pytest.raises(StorageError, match="S3 refused the credentials for bucket 'secured'.*check the access key"):
+            bad.check_writable_root("s3://secured/run")
+        with pytest.raises(StorageError, match="cannot read: S3 at .* refused the credentials"):
+            bad.read_bytes("s3://secured/run/ok.txt")
