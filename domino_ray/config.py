@@ -369,9 +369,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 def config_from_dict(data: dict[str, Any] | None, source: str = "<config>") -> DominoConfig:
     """Validate plain data (applying its preset first); raises ConfigError naming every bad key."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):  # checked before dict(), which would raise TypeError
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    data = dict(data or {})
     preset = data.get("preset")
     if preset is not None:
         if preset not in PRESETS:
