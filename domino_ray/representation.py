@@ -34,6 +34,7 @@ __all__ = [
     "load_private",
     "check_compatible",
     "export_peft_adapter",
+    "tensor_sha256",
 ]
 
 log = logging.getLogger(__name__)
