@@ -217,3 +217,14 @@ def test_learn_curve_series_and_summary():
     assert summary["l1_first"] == 4.0 and summary["l1_last"] == 3.0
     assert summary["l2_last"] == 0.5  # last finite value
     assert summary["m_gap_last"] == pytest.approx(1.5)
+
+
+def test_metrics_and_report_import_no_heavy_libraries():
+    """Pure metrics import only numpy; the report module defers torch, transformers and matplotlib."""
+    import subprocess
+    import sys
+
+    code = ("import sys, domino_ray.metrics, domino_ray.report; "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray', 'vllm', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
