@@ -29,7 +29,7 @@ def cmd_config(args) -> int:
 
     if args.example:
         sys.stdout.write(example_yaml())
-    elif args.check:
+    elif args.config:
         cfg = _load(args)
         sys.stdout.write(dump_config(cfg))
     else:
