@@ -367,11 +367,26 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _empty_sections_to_dicts(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """A section written with every key commented out parses as null; treat it as `{}`."""
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if sub is None or key not in out:
+            continue
+        if out[key] is None:
+            out[key] = {}
+        elif isinstance(out[key], dict):
+            out[key] = _empty_sections_to_dicts(out[key], sub)
+    return out
+
+
 def config_from_dict(data: dict[str, Any] | None, source: str = "<config>") -> DominoConfig:
     """Validate plain data (applying its preset first); raises ConfigError naming every bad key."""
     if data is not None and not isinstance(data, dict):  # checked before dict(), which would raise TypeError
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    data = dict(data or {})
+    data = _empty_sections_to_dicts(dict(data or {}), DominoConfig)
     preset = data.get("preset")
     if preset is not None:
         if preset not in PRESETS:
