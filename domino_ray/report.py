@@ -150,6 +150,9 @@ def load_run(uri: str, storage: Storage, fallback: Optional[DominoConfig] = None
     else:
         notes.append(f"{manifest_uri} has no config: run settings taken from --config or the defaults")
         config = fallback or DominoConfig()
+    if not manifest and not any(storage.exists(join_uri(uri, d)) for d in ("representation", "learn", "synth", "eval")):
+        raise FileNotFoundError(f"{uri}: not a run root (no manifest.json, representation/, learn/, synth/ or eval/); "
+                                f"give the run.output of a run")
     rep = _read_json_or_none(storage, join_uri(uri, "representation", "representation.json"), notes)
     return RunData(
         uri=uri, label="", config=config, manifest=manifest, representation=rep,
@@ -780,9 +783,14 @@ def _metrics_json(data: ReportData) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- entry
-def build_report(run_uri: str, compare: Sequence[str] = (), config_path: Optional[str] = None) -> str:
-    """Write `<run_uri>/report/` (report.html, report.md, PNGs, metrics.json); returns report.html's URI."""
-    override = load_config(config_path) if config_path else None
+def build_report(run_uri: str, compare: Sequence[str] = (), config_path: Optional[str] = None,
+                 config: Optional[DominoConfig] = None) -> str:
+    """Write `<run_uri>/report/` (report.html, report.md, PNGs, metrics.json); returns report.html's URI.
+
+    `config_path` (the CLI's --config) or an already loaded `config` (what `domino run` passes, so an
+    S3/MinIO endpoint carries over) supplies storage settings and the report section.
+    """
+    override = config or (load_config(config_path) if config_path else None)
     storage = Storage(override.storage.s3 if override else None)
     runs = [load_run(u, storage, fallback=override) for u in [run_uri, *compare]]
     _label_runs(runs)

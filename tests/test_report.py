@@ -225,6 +225,7 @@ def test_partial_run_degrades_to_notes(tmp_path, refs_file, tiny_model_dir):
 def test_report_reads_and_writes_s3(tmp_path, refs_file, tiny_model_dir, s3_server, s3_bucket):
     import yaml
 
+    from domino_ray.config import load_config
     from domino_ray.report import build_report
     from domino_ray.storage import Storage
 
@@ -235,6 +236,7 @@ def test_report_reads_and_writes_s3(tmp_path, refs_file, tiny_model_dir, s3_serv
     cfg = tmp_path / "storage.yaml"
     cfg.write_text(yaml.safe_dump({"storage": {"s3": s3_server.model_dump()}, "report": {"max_samples": 50}}))
     out = build_report(uri, config_path=str(cfg))
+    assert build_report(uri, config=load_config(cfg)) == out  # what `domino run` passes
     assert out == f"{uri}/report/report.html"
     assert "data:image/png;base64," in storage.read_text(out)
     assert storage.exists(f"{uri}/report/embedding_map.png")
@@ -285,3 +287,12 @@ def test_report_renders_in_headless_chromium(tmp_path, refs_file, tiny_model_dir
     html_file = Path(build_report(str(run1), compare=[str(run0)]))
     dom, shot = render_in_chromium(html_file, tmp_path)
     assert_rendered(dom, shot, n_images=5)
+
+
+def test_report_of_a_missing_run_fails_naming_it(tmp_path):
+    from domino_ray.cli import main
+    from domino_ray.report import build_report
+
+    with pytest.raises(FileNotFoundError, match="not a run root"):
+        build_report(str(tmp_path / "nope"))
+    assert main(["report", "--run", str(tmp_path / "nope")]) == 2
