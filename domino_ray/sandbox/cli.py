@@ -1,0 +1,48 @@
+"""`domino sandbox exec --file F [--stdin F] [--timeout S] [--strict] [--json] [--config CFG]`:
+run one program in the sandbox by hand. Exit status: 0 passed, 1 ran but did not pass, 2 refused
+(strict with a missing layer, unusable sandbox, unreadable file)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from domino_ray.config import SandboxConfig
+from domino_ray.sandbox.isolation import SandboxError, isolation_report
+from domino_ray.sandbox.runner import run_program
+
+__all__ = ["cli_exec"]
+
+
+def _sandbox_config(args) -> SandboxConfig:
+    if getattr(args, "config", None):
+        from domino_ray.config import load_config
+
+        cfg = load_config(args.config).sandbox
+    else:
+        cfg = SandboxConfig()
+    if getattr(args, "strict", False):
+        cfg = cfg.model_copy(update={"strict": True})
+    return cfg
+
+
+def cli_exec(args) -> int:
+    cfg = _sandbox_config(args)
+    code = Path(args.file).read_text(encoding="utf-8")
+    stdin = Path(args.stdin).read_text(encoding="utf-8") if args.stdin else None
+    try:
+        result = run_program(code, cfg, stdin=stdin, timeout_s=args.timeout)
+    except SandboxError as e:
+        print(f"domino sandbox exec: refused: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**result.to_dict(), "isolation": isolation_report(cfg)}, indent=2))
+    else:
+        print(f"status: {result.status}  exit_code: {result.exit_code}  signal: {result.signal}  "
+              f"duration: {result.duration_s:.3f}s" + (f"\ndetail: {result.detail}" if result.detail else ""))
+        if result.stdout:
+            print("--- stdout\n" + result.stdout.rstrip("\n"))
+        if result.stderr:
+            print("--- stderr\n" + result.stderr.rstrip("\n"))
+    return 0 if result.passed else 1
