@@ -1,0 +1,112 @@
+"""The vLLM engine (CPU build here, the same code on GPU) against the transformers engine.
+
+vLLM takes ~35 s to start on 2 cores, so one soft-prompt engine serves the module and the LoRA test
+starts the only other one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import psutil
+import pytest
+import torch
+
+from domino_ray.engines import EngineError, GenerationRequest as Req, SamplingParams as SP
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    from domino_ray.engines.vllm import VLLMEngine
+
+    engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=512, soft_prompt=True, cpu_kv_cache_gb=0.5)
+    yield engine
+    engine.shutdown()
+
+
+def conformance_requests(soft_prefix):
+    return [
+        Req(soft_prefix=soft_prefix, text="def"),
+        Req(soft_prefix=soft_prefix),
+        Req(soft_prefix=soft_prefix, token_ids=[202, 262]),
+        Req(text="def parse(line):"),
+        Req(text="Write a function that sorts a list.", chat=True),
+        Req(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]),
+    ]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SP(temperature=0.0, max_tokens=32),
+        SP(temperature=0.0, max_tokens=48, stop=["\n\n", "self"]),
+        SP(temperature=0.0, max_tokens=48, stop_token_ids=[202]),
+        SP(temperature=0.0, max_tokens=3),
+    ],
+    ids=["plain", "stop-strings", "stop-ids", "max-tokens"],
+)
+def test_greedy_outputs_match_transformers(vllm_engine, hf_engine, soft_prefix, sampling):
+    """Same soft prompt and text -> the same tokens, text, finish reason and counts from both engines."""
+    requests = conformance_requests(soft_prefix)
+    expected = hf_engine.generate(requests, sampling)
+    got = vllm_engine.generate(requests, sampling)
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert g.completions == e.completions, f"request {i}"
+    finish = {c.finish_reason for o in got for c in o.completions}
+    assert "stop" in finish if (sampling.stop or sampling.stop_token_ids) else finish == {"length"}
+
+
+def test_same_seed_same_output_whatever_the_batch(vllm_engine, soft_prefix):
+    request = Req(soft_prefix=soft_prefix, text="def")
+    sampling = SP(temperature=1.0, top_p=0.95, max_tokens=24, seed=1234)
+    alone = vllm_engine.generate([request], sampling)[0].completions[0].token_ids
+    mixed = vllm_engine.generate([Req(text="import os"), request, Req(soft_prefix=soft_prefix)],
+                                 [SP(temperature=1.0, seed=1), sampling, SP(temperature=0.7, max_tokens=5)])
+    other = vllm_engine.generate([request], SP(temperature=1.0, top_p=0.95, max_tokens=24, seed=4321))
+    assert mixed[1].completions[0].token_ids == alone
+    assert other[0].completions[0].token_ids != alone
+    three = vllm_engine.generate([request], SP(temperature=1.0, max_tokens=16, seed=5, n=3))[0]
+    assert len(three.completions) == 3 and len({tuple(c.token_ids) for c in three.completions}) == 3
+
+
+def test_shape_dtype_and_length_errors(vllm_engine):
+    with pytest.raises(EngineError, match=r"expected \(P, 256\).*got \(4, 128\)"):
+        vllm_engine.generate([Req(soft_prefix=torch.zeros(4, 128))], SP(temperature=0.0))
+    with pytest.raises(EngineError, match="dtype mismatch"):
+        vllm_engine.generate([Req(soft_prefix=torch.zeros(4, 256, dtype=torch.int32))], SP(temperature=0.0))
+    with pytest.raises(EngineError, match="max_model_len=512"):
+        vllm_engine.generate([Req(token_ids=[5] * 600)], SP(temperature=0.0))
+    assert vllm_engine.describe()["soft_prompt"] is True
+
+
+def test_lora_adapter_matches_transformers_and_shutdown_ends_the_engine_core(tiny_model_dir, lora_adapter, hf_engine):
+    from domino_ray.engines.hf import HFEngine
+    from domino_ray.engines.vllm import VLLMEngine
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=512, lora_path=str(lora_adapter),
+                        cpu_kv_cache_gb=0.5)
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert any("EngineCore" in p.name() for p in started)
+
+    hf_lora = HFEngine(str(tiny_model_dir), dtype="float32", device="cpu", lora_path=str(lora_adapter))
+    requests = [Req(text="def parse(line):"), Req(text="class Parser:")]
+    greedy = SP(temperature=0.0, max_tokens=16)
+    tuned = engine.generate(requests, greedy)
+    assert [o.completions for o in tuned] == [o.completions for o in hf_lora.generate(requests, greedy)]
+    assert [o.completions for o in tuned] != [o.completions for o in hf_engine.generate(requests, greedy)]
+    with pytest.raises(EngineError, match="without soft-prompt support"):
+        engine.generate([Req(soft_prefix=torch.zeros(2, 256))], greedy)
+    hf_lora.shutdown()
+
+    engine.shutdown()
+    engine.shutdown()  # idempotent
+    multiprocessing.active_children()  # reap exited children so they do not linger as zombies
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+             and "EngineCore" in p.name()]
+    assert alive == [], f"engine core still running: {alive}"
+    with pytest.raises(EngineError, match="shut down"):
+        engine.generate(requests, greedy)
