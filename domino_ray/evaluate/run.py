@@ -1,0 +1,248 @@
+"""`run_evaluate`: pass@k of a model on a benchmark, as one Ray Data plan (DESIGN.md section 2):
+
+    problems x n samples (per-row seeds) -> LLMStage actors (completions)
+        -> code under test + tests as one program -> SandboxStage actors -> results
+
+Writes <run>/eval/<name>/results.parquet (schema.EVAL_RESULT_SCHEMA, one row per problem and
+sample) and <run>/eval/<name>/summary.json, locally or on S3, and records the manifest stage
+`evaluate:<name>`. `execute_solutions` runs ready-made solutions (canonical ones, say) through the
+same program builder and sandbox pool, without a model.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import hashlib
+import logging
+import re
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from domino_ray.config import DominoConfig, EngineConfig, SandboxConfig
+from domino_ray.evaluate.benchmarks import Problem, load_benchmark
+from domino_ray.evaluate.passk import pass_at_k_table
+from domino_ray.evaluate.programs import (
+    build_program,
+    chat_prompt,
+    completion_prompt,
+    solution_from_completion,
+    stop_strings,
+)
+from domino_ray.schema import EVAL_RESULT_SCHEMA
+from domino_ray.storage import Storage, join_uri
+
+__all__ = ["run_evaluate", "execute_solutions", "summarize", "results_table", "result_name", "sample_seed"]
+
+log = logging.getLogger(__name__)
+
+_PROGRAM_BATCH = 16  # rows per program-building task; building is cheap string work
+
+
+def sample_seed(run_seed: int, task_id: str, sample_index: int) -> int:
+    """Per-request seed: any sample can be regenerated alone (DESIGN section 1)."""
+    digest = hashlib.sha256(f"{run_seed}\x00{task_id}\x00{sample_index}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def result_name(model: str, lora: Optional[str]) -> str:
+    """Folder name under <run>/eval/ for a model (+ adapter): path or hub id made filesystem-safe."""
+    def tail(s: str) -> str:
+        s = s.rstrip("/")
+        return s if "://" not in s and s.count("/") <= 1 and not s.startswith((".", "/")) else s.rsplit("/", 1)[-1]
+
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", tail(model)).strip("-") or "model"
+    if lora:
+        name += "+" + (re.sub(r"[^A-Za-z0-9._-]+", "--", tail(lora)).strip("-") or "lora")
+    return name
+
+
+# ------------------------------------------------------------------------------ program building
+def prepare_programs(batch: dict[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
+    """Ray Data map: `solution` (from `completion` unless given) and `program` (+ per-row
+    `timeout_s`) for each row; the `problem` column holds each row's Problem as JSON."""
+    problems = [Problem.from_json(p) for p in batch["problem"]]
+    if "solution" not in batch:
+        completions = batch["completion"]
+        batch["solution"] = np.array([solution_from_completion(p, str(c or ""), style) for p, c in zip(problems, completions)], dtype=object)
+    batch["program"] = np.array([build_program(p, s) if s is not None else None for p, s in zip(problems, batch["solution"])], dtype=object)
+    batch["timeout_s"] = np.array([p.timeout_s if p.timeout_s else np.nan for p in problems], dtype=np.float64)
+    return batch
+
+
+def _score(ds, sandbox_cfg: SandboxConfig, style: str):
+    from domino_ray.sandbox import add_sandbox_stage
+
+    ds = ds.map_batches(prepare_programs, fn_kwargs={"style": style}, batch_size=_PROGRAM_BATCH, batch_format="numpy")
+    ds = add_sandbox_stage(ds, sandbox_cfg)
+    return ds.drop_columns(["problem", "program", "timeout_s"])
+
+
+def _collect(ds) -> list[dict[str, Any]]:
+    return [dict(row) for row in ds.iter_rows()]
+
+
+def execute_solutions(problems: Sequence[Problem], solutions: Mapping[str, Sequence[Optional[str]]],
+                      sandbox_cfg: SandboxConfig) -> list[dict[str, Any]]:
+    """Run ready-made solutions (code under test, tests not included) through the sandbox pool.
+    Returns one row per (task, sample) with `exec_status` etc., in problem and sample order."""
+    import ray
+
+    order = {p.task_id: i for i, p in enumerate(problems)}
+    rows = [{"task_id": p.task_id, "sample_index": j, "problem": p.to_json(), "solution": s}
+            for p in problems for j, s in enumerate(solutions.get(p.task_id, []))]
+    if not rows:
+        return []
+    out = _collect(_score(ray.data.from_items(rows), sandbox_cfg, style="completion"))
+    return sorted(out, key=lambda r: (order[r["task_id"]], r["sample_index"]))
+
+
+# ------------------------------------------------------------------------------------- results
+def results_table(rows: Iterable[Mapping[str, Any]], benchmark: str, model: str):
+    """Result rows (from the plan) as an EVAL_RESULT_SCHEMA table."""
+    import pyarrow as pa
+
+    def opt(row, key, cast):
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return None
+        return cast(value)
+
+    records = []
+    for r in rows:
+        exit_code = opt(r, "exec_exit_code", int)
+        records.append({
+            "benchmark": benchmark,
+            "task_id": str(r["task_id"]),
+            "sample_index": int(r["sample_index"]),
+            "model": model,
+            "completion": opt(r, "completion", str),
+            "program": opt(r, "solution", str),  # code under test; the tests come from the benchmark
+            "status": str(r["exec_status"]),
+            "passed": r["exec_status"] == "passed",
+            "exit_code": None if exit_code is None or exit_code < 0 else exit_code,
+            "detail": opt(r, "exec_detail", str),
+            "duration_s": opt(r, "exec_duration_s", float),
+            "completion_tokens": opt(r, "completion_tokens", int),
+        })
+    return pa.Table.from_pylist(records, schema=EVAL_RESULT_SCHEMA)
+
+
+def summarize(table, ks: Sequence[int], num_samples: int) -> dict[str, Any]:
+    """pass@k over problems (unbiased estimator) and status counts of a results table."""
+    passed: dict[str, int] = collections.defaultdict(int)
+    seen: dict[str, int] = collections.defaultdict(int)
+    for task, ok in zip(table.column("task_id").to_pylist(), table.column("passed").to_pylist()):
+        seen[task] += 1
+        passed[task] += int(ok)
+    short = {t: n for t, n in seen.items() if n != num_samples}
+    if short:
+        raise RuntimeError(f"evaluation lost samples: {len(short)} problem(s) have a sample count other than {num_samples}, e.g. {next(iter(short.items()))}")
+    return {
+        "pass_at_k": pass_at_k_table(((seen[t], passed[t]) for t in seen), ks),
+        "num_problems": len(seen),
+        "num_results": table.num_rows,
+        "problems_solved": sum(1 for t in seen if passed[t] > 0),
+        "status_counts": dict(collections.Counter(table.column("status").to_pylist())),
+    }
+
+
+def _write_results(storage: Storage, out_uri: str, table, summary: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+
+    from domino_ray.storage import is_s3
+
+    uri = join_uri(out_uri, "results.parquet")
+    fs, path = storage.filesystem(uri)
+    if not is_s3(uri):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+    storage.write_json(join_uri(out_uri, "summary.json"), summary)
+
+
+# ---------------------------------------------------------------------------------------- the job
+def _engine_config(engine: EngineConfig, model: Optional[str], lora: Optional[str]) -> EngineConfig:
+    update: dict[str, Any] = {}
+    if model:
+        update["model"] = model
+    if lora:
+        update["lora_path"] = lora
+    return engine.model_copy(update=update)
+
+
+def _sample_rows(problems: Sequence[Problem], num_samples: int, run_seed: int, style: str) -> list[dict[str, Any]]:
+    prompt_of = chat_prompt if style == "chat" else completion_prompt
+    return [
+        {"task_id": p.task_id, "sample_index": j, "seed": sample_seed(run_seed, p.task_id, j),
+         "prompt": prompt_of(p), "problem": p.to_json()}
+        for p in problems for j in range(num_samples)
+    ]
+
+
+def _generate(ds, cfg: DominoConfig, engine: EngineConfig, stops: list[str], style: str):
+    from domino_ray.engines.stage import apply_llm_stage
+
+    sampling = cfg.evaluate.sampling.model_dump(mode="json")
+    sampling["stop"] = list(dict.fromkeys(list(sampling.get("stop") or []) + stops))
+    return apply_llm_stage(
+        ds, cfg.evaluate.pool,
+        engine_cfg=engine.model_dump(mode="json"), backbone_cfg=cfg.backbone.model_dump(mode="json"),
+        sampling=sampling, input_column="prompt", output_column="completion",
+        chat=style == "chat", seed_column="seed",
+    )
+
+
+def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[str] = None,
+                 name: Optional[str] = None) -> dict[str, Any]:
+    """Generate `evaluate.num_samples` completions per problem, run them in the sandbox pool, write
+    results and summary under <run>/eval/<name>/ and return the summary."""
+    from domino_ray.manifest import RunManifest, config_fingerprint
+    from domino_ray.runtime import ensure_ray
+
+    ecfg = cfg.evaluate
+    storage = Storage(cfg.storage.s3)
+    engine = _engine_config(ecfg.engine, model, lora)
+    model_id = engine.model or cfg.backbone.model
+    name = name or result_name(model_id, engine.lora_path)
+    out_uri = join_uri(cfg.run.output, "eval", name)
+    stage = f"evaluate:{name}"
+    problems = load_benchmark(ecfg.benchmark, storage=storage)  # bad specs fail before any work
+    style = ecfg.prompt_style
+    fingerprint = config_fingerprint(cfg.section_dict("evaluate"), cfg.section_dict("sandbox"), model_id,
+                                     engine.lora_path, cfg.run.seed)
+    storage.check_writable_root(cfg.run.output)
+    manifest = RunManifest(storage, cfg.run.output)
+    manifest.update_stage(stage, "running", fingerprint, benchmark=ecfg.benchmark, model=model_id)
+    start = time.time()
+    try:
+        import ray
+
+        ensure_ray()
+        log.info("evaluate[%s]: %d problems x %d samples of %s (%s style)", name, len(problems), ecfg.num_samples,
+                 ecfg.benchmark, style)
+        ds = ray.data.from_items(_sample_rows(problems, ecfg.num_samples, cfg.run.seed, style))
+        ds = _generate(ds, cfg, engine, stop_strings(problems[0], style), style)
+        ds = _score(ds, cfg.sandbox, style).drop_columns(["prompt"])
+        order = {p.task_id: i for i, p in enumerate(problems)}
+        rows = sorted(_collect(ds), key=lambda r: (order[r["task_id"]], r["sample_index"]))
+        table = results_table(rows, ecfg.benchmark, model_id)
+        stats = summarize(table, ecfg.k, ecfg.num_samples)
+        summary = {
+            "benchmark": ecfg.benchmark, "model": model_id, "lora": engine.lora_path, "name": name,
+            "n": ecfg.num_samples, "k": list(ecfg.k), "temperature": ecfg.sampling.temperature,
+            "prompt_style": style, **stats, "duration_s": round(time.time() - start, 2),
+            "results": join_uri(out_uri, "results.parquet"),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_results(storage, out_uri, table, summary)
+    except BaseException as e:
+        manifest.update_stage(stage, "failed", fingerprint, error=f"{type(e).__name__}: {e}")
+        raise
+    manifest.update_stage(stage, "completed", fingerprint, pass_at_k=summary["pass_at_k"],
+                          num_problems=summary["num_problems"], results=summary["results"],
+                          duration_s=summary["duration_s"])
+    log.info("evaluate[%s]: %s on %d problems (%s)", name, summary["pass_at_k"], summary["num_problems"],
+             summary["status_counts"])
+    return summary
