@@ -237,6 +237,7 @@ class SandboxConfig(_Section):
     strict: bool = Field(False, description="Refuse to run when any isolation layer is unavailable.")
     backend: Literal["auto", "bwrap", "unshare", "none"] = Field("auto", description="Isolation tool: auto = bubblewrap when it works here, else `unshare` (network and pid namespaces, no filesystem view), else none. Missing layers are reported; strict refuses.")
     python: str = Field("auto", description="Interpreter for programs; auto = the plain interpreter this job's Python was built from (sys.base_prefix, never the venv), run with -I. Its install prefix is mounted read-only.")
+    site_packages: bool = Field(False, description="Let programs import the third-party packages of that interpreter's site-packages. Off = standard library only (python -S): results do not depend on what a node has installed, and startup skips site-packages scanning and .pth hooks (several times faster where site-packages is large).")
     uid: int = Field(65534, description="Unprivileged uid/gid programs run as (nobody).")
     uid_slots: int = Field(16, ge=1, description="Concurrent executions on one node take uids uid, uid-1, ..., uid-slots+1: RLIMIT_NPROC counts per uid, so a fork bomb cannot starve a neighbour. 1 = all share `uid`.")
     pool: PoolConfig = Field(default_factory=lambda: PoolConfig(min_actors=1, max_actors=2, num_cpus=0.25, batch_size=8), description="Sandbox actor pool shared by evaluation and the execute stage.")

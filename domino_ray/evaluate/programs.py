@@ -219,6 +219,8 @@ import json as _json, subprocess as _subprocess, sys as _sys
 
 _TESTS = _json.loads({tests})
 _PER_TEST_S = {per_test!r}
+# the solution runs like this harness: same interpreter, same flags (-S when site-packages are off)
+_COMMAND = [_sys.executable, "-I", "-B"] + (["-S"] if _sys.flags.no_site else []) + ["solution.py"]
 
 {compare}
 
@@ -229,7 +231,7 @@ for _i, _test in enumerate(_TESTS):
         _f.write(_test["input"])
     with open("input.txt") as _fin, open("output.txt", "w") as _fout, open("error.txt", "w") as _ferr:
         try:
-            _proc = _subprocess.run([_sys.executable, "-I", "-B", "solution.py"], stdin=_fin, stdout=_fout,
+            _proc = _subprocess.run(_COMMAND, stdin=_fin, stdout=_fout,
                                     stderr=_ferr, timeout=_PER_TEST_S)
         except _subprocess.TimeoutExpired:
             raise TimeoutError(f"test {{_i}}: time limit of {{_PER_TEST_S:g}} s exceeded") from None

@@ -11,7 +11,8 @@ Every execution is a fresh child process started through, outermost first:
             no_new_privs (so setuid binaries cannot raise privileges back).
     prlimit RLIMIT_AS, CPU, FSIZE, NOFILE, NPROC and CORE=0 on the program only.
     python  the plain interpreter (never the project venv) with -I (isolated: no env vars, no user
-            site) and -B (no bytecode writes).
+            site), -B (no bytecode writes) and, unless sandbox.site_packages, -S (standard library
+            only: no third-party packages and no .pth hooks of the host's site-packages).
 
 Why not `bwrap --unshare-all` when running as root: it then also creates a user namespace in which
 the sandbox uid maps back to root outside, and the kernel never applies RLIMIT_NPROC to root, so a
@@ -222,7 +223,7 @@ def _unshare_argv(plan: IsolationPlan) -> list[str]:
 def build_command(plan: IsolationPlan, cfg: SandboxConfig, run_dir: str, uid: Optional[int], script: str = "main.py") -> list[str]:
     """argv that runs `run_dir/script` with every layer of `plan`. Under bwrap the run dir is mounted
     read-only at /sandbox/.run and the program runs in /sandbox; otherwise it runs in the run dir."""
-    interpreter = [plan.python, "-I", "-B"]
+    interpreter = [plan.python, "-I", "-B"] + ([] if cfg.site_packages else ["-S"])
     if plan.backend == "bwrap":
         return (_bwrap_argv(plan, cfg, run_dir, uid) + _setpriv_argv(plan, uid) + _limits_argv(plan, cfg)
                 + interpreter + [f"{SANDBOX_DIR}/.run/{script}"])

