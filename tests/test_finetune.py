@@ -1,0 +1,207 @@
+"""finetune: formatting and masking (pure), then real Ray Train SFT on the tiny model with 2 workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from domino_ray.config import config_from_dict
+from domino_ray.finetune import (
+    NoAcceptedRecords,
+    SFTExample,
+    build_sequences,
+    collate,
+    format_example,
+    load_accepted_records,
+    lr_at,
+    pack_examples,
+    run_finetune,
+    shard_indices,
+)
+from domino_ray.schema import IGNORE_INDEX, empty_record, validate_records
+from domino_ray.storage import Storage, join_uri
+
+RUN = "ft-test"
+
+
+def toy_pairs(n: int) -> list[tuple[str, str]]:
+    """Problems with one obvious answer each: the adapter has something easy to learn."""
+    return [(f"Write a function add_{i}(x) that returns x plus {i}.",
+             f"```python\ndef add_{i}(x):\n    return x + {i}\n```") for i in range(n)]
+
+
+def write_records(storage: Storage, run_root: str, pairs, rejected: int = 0) -> None:
+    """A synth records Parquet as synthesis writes it: accepted rows plus some rejected ones."""
+    rows = []
+    for i, (draft, response) in enumerate(pairs):
+        rows.append(empty_record(RUN, i) | {"draft": draft, "response": response, "accepted": True})
+    for j in range(rejected):
+        rows.append(empty_record(RUN, len(pairs) + j) | {"draft": "x", "response": "y", "accepted": False,
+                                                         "reject_reason": "syntax_error" if j % 2 else "duplicate"})
+    table = validate_records(pa.Table.from_pylist(rows))
+    fs, path = storage.filesystem(join_uri(run_root, "synth", "records", "part-0.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, path, filesystem=fs)
+
+
+def make_cfg(model_dir: Path, output: str, s3=None, **finetune) -> object:
+    data = {"preset": "tiny", "run": {"name": RUN, "output": output}, "backbone": {"model": str(model_dir)},
+            "finetune": {"num_workers": 2, "cpus_per_worker": 1, "batch_size": 4, "max_length": 128,
+                         "lr": 1e-2, "epochs": 4, "max_failures": 0,
+                         "lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}} | finetune}
+    if s3 is not None:
+        data["storage"] = {"s3": s3.model_dump()}
+    return config_from_dict(data)
+
+
+# ------------------------------------------------------------------------------------- pure logic
+def test_chat_format_masks_every_prompt_token(tiny_model_dir):
+    from domino_ray.backbone import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    draft, response = toy_pairs(1)[0]
+    ex = format_example(tok, draft, response, max_length=512, chat=True)
+    first_target = next(i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX)
+    assert all(t == IGNORE_INDEX for t in ex.labels[:first_target])
+    assert ex.labels[first_target:] == ex.input_ids[first_target:]
+    prompt_text = tok.decode(ex.input_ids[:first_target])
+    assert prompt_text.endswith("<|im_start|>assistant\n") and draft in prompt_text
+    # the targets are the response plus the end-of-turn marker, so the model learns to stop
+    assert tok.decode(ex.labels[first_target:]).strip() == response + "<|im_end|>"
+
+
+def test_plain_format_ends_with_eos_and_truncates_response_only(tiny_model_dir):
+    from domino_ray.backbone import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ex = format_example(tok, "Add two numbers.", "def f(a, b):\n    return a + b", max_length=512, chat=False)
+    assert ex.labels[-1] == tok.eos_token_id
+    prompt_len = sum(1 for t in ex.labels if t == IGNORE_INDEX)
+    short = format_example(tok, "Add two numbers.", "def f(a, b):\n    return a + b", max_length=prompt_len + 2, chat=False)
+    assert len(short.input_ids) == prompt_len + 2 and short.input_ids[:prompt_len] == ex.input_ids[:prompt_len]
+    assert format_example(tok, "Add two numbers.", "x", max_length=prompt_len, chat=False) is None
+
+
+def test_packing_keeps_targets_and_respects_max_length():
+    exs = [SFTExample([1] * 5 + [2] * 3, [IGNORE_INDEX] * 5 + [2] * 3) for _ in range(7)]
+    packed = pack_examples(exs, max_length=20)
+    assert [len(p.input_ids) for p in packed] == [16, 16, 16, 8]
+    assert sum(sum(1 for t in p.labels if t != IGNORE_INDEX) for p in packed) == 7 * 3
+    batch = collate(packed, pad_id=0)
+    assert batch["input_ids"].shape == (4, 16)
+    assert batch["attention_mask"][3].tolist() == [1] * 8 + [0] * 8
+    assert (batch["labels"][3, 8:] == IGNORE_INDEX).all()
+
+
+def test_shards_have_equal_length_and_cover_everything():
+    for n, world in [(10, 3), (2, 4), (9, 1)]:
+        shards = [shard_indices(n, epoch=1, seed=0, rank=r, world=world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        assert set().union(*map(set, shards)) == set(range(n))
+    assert shard_indices(10, 0, 0, 0, 2) != shard_indices(10, 1, 0, 0, 2)  # reshuffled every epoch
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at(s, 100, 1.0) for s in range(100)]
+    assert lrs[0] < lrs[2] and max(lrs) == 1.0 and lrs[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_no_accepted_records_names_run_and_reasons(tmp_path, tiny_model_dir):
+    storage = Storage()
+    write_records(storage, str(tmp_path), [], rejected=5)
+    with pytest.raises(NoAcceptedRecords) as e:
+        load_accepted_records(str(tmp_path), storage)
+    assert str(tmp_path) in str(e.value) and "'duplicate': 3" in str(e.value) and "'syntax_error': 2" in str(e.value)
+    with pytest.raises(NoAcceptedRecords, match="domino synthesize"):
+        load_accepted_records(str(tmp_path / "nothing"), storage)
+
+
+def test_build_sequences_counts(tiny_model_dir, tmp_path):
+    from domino_ray.backbone import load_tokenizer
+
+    storage = Storage()
+    write_records(storage, str(tmp_path), toy_pairs(6), rejected=2)
+    records = load_accepted_records(str(tmp_path), storage)
+    assert len(records) == 6
+    cfg = make_cfg(tiny_model_dir, str(tmp_path), packing=True, max_length=128)
+    seqs, stats = build_sequences(records, load_tokenizer(str(tiny_model_dir)), cfg.finetune)
+    assert stats["examples"] == 6 and stats["sequences"] == len(seqs) < 6
+    assert all(len(s.input_ids) <= 128 for s in seqs)
+
+
+# ------------------------------------------------------------------------------- Ray Train (slow)
+def greedy(engine, prompts: list[str]) -> list[str]:
+    from domino_ray.engines.base import GenerationRequest, SamplingParams
+
+    outs = engine.generate([GenerationRequest(text=p, chat=True) for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=24))
+    return [o.completions[0].text for o in outs]
+
+
+@pytest.mark.slow
+def test_lora_sft_two_workers_lowers_loss_and_adapter_changes_generations(ray_cluster, tiny_model_dir, tmp_path):
+    from domino_ray.config import BackboneConfig, EngineConfig
+    from domino_ray.engines import build_engine
+    from domino_ray.manifest import RunManifest
+
+    storage = Storage()
+    out = str(tmp_path / "run")
+    write_records(storage, out, toy_pairs(32), rejected=4)
+    cfg = make_cfg(tiny_model_dir, out, merge=True)
+    summary = run_finetune(cfg)
+
+    history = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+    assert summary["records"] == 32 and len(history) == summary["steps"] == 4 * 4  # 32 / (2 workers x 4) per epoch
+    epoch_loss = [sum(r["loss"] for r in history if r["epoch"] == e) / 4 for e in range(4)]
+    assert all(b < a for a, b in zip(epoch_loss, epoch_loss[1:])) and epoch_loss[-1] < 0.6 * epoch_loss[0]
+    adapter = Path(summary["adapter"])
+    assert (adapter / "adapter_config.json").exists() and (adapter / "tokenizer.json").exists()
+    assert RunManifest(storage, out).stage("finetune")["status"] == "completed"
+
+    backbone = BackboneConfig(model=str(tiny_model_dir))
+    prompts = [d for d, _ in toy_pairs(3)]
+    base = build_engine(EngineConfig(kind="hf"), backbone)
+    tuned = build_engine(EngineConfig(kind="hf", lora_path=str(adapter)), backbone)
+    merged = build_engine(EngineConfig(kind="hf", model=summary["merged"]), backbone)
+    base_out, tuned_out, merged_out = greedy(base, prompts), greedy(tuned, prompts), greedy(merged, prompts)
+    for e in (base, tuned, merged):
+        e.shutdown()
+    assert tuned_out != base_out
+    # every training response opens with a ``` fence; after SFT the greedy answer does too, before it none did.
+    # (The 2-layer model only learns the surface of the task: it does not write correct add_N functions.)
+    assert all(t.startswith("```") for t in tuned_out) and not any(t.startswith("`") for t in base_out)
+    assert merged_out == tuned_out  # merged weights = base + adapter
+
+
+@pytest.mark.slow
+def test_resume_continues_from_checkpoint_on_s3(ray_cluster, tiny_model_dir, s3_server, s3_bucket):
+    storage = Storage(s3_server)
+    out = f"s3://{s3_bucket}/runs/ft"
+    write_records(storage, out, toy_pairs(16))
+    first = run_finetune(make_cfg(tiny_model_dir, out, s3_server, epochs=1, batch_size=8, num_workers=1))
+    assert first["resumed_from_epoch"] is None and first["steps"] == 2
+    assert storage.list_files(join_uri(out, "finetune", "checkpoints"), suffix="state.json")
+    first_history = storage.read_text(first["metrics"]).splitlines()
+
+    # "train longer": same data and settings, more epochs -> continues after epoch 1, keeps its steps
+    second = run_finetune(make_cfg(tiny_model_dir, out, s3_server, epochs=2, batch_size=8, num_workers=1))
+    history = [json.loads(line) for line in storage.read_text(second["metrics"]).splitlines()]
+    assert second["resumed_from_epoch"] == 1 and [(r["epoch"], r["step"]) for r in history] == [(0, 1), (0, 2), (1, 3), (1, 4)]
+    assert [json.loads(line) for line in first_history] == history[:2]  # epoch 1 restored, not retrained
+    assert storage.exists(join_uri(out, "finetune", "adapter", "adapter_model.safetensors"))
+
+
+def test_checkpoints_of_another_config_are_deleted(tmp_path):
+    from domino_ray.finetune import _prepare_checkpoints
+
+    storage = Storage()
+    ckpts = str(tmp_path / "checkpoints")
+    storage.write_json(join_uri(ckpts, "checkpoint_a", "state.json"), {"epoch": 0, "step": 2, "fingerprint": "old"})
+    storage.write_json(join_uri(ckpts, "checkpoint_b", "state.json"), {"epoch": 1, "step": 4, "fingerprint": "old"})
+    assert _prepare_checkpoints(storage, ckpts, "old") == {"epoch": 1, "step": 4, "fingerprint": "old"}
+    assert _prepare_checkpoints(storage, ckpts, "new") is None  # the config wins: fresh start
+    assert not storage.exists(ckpts)
