@@ -98,7 +98,7 @@ class LearnConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU. Soft tokens stay fp32 either way.")
     checkpoint_every_epochs: int = Field(1, ge=1, description="Checkpoint frequency; resume restarts from the latest.")
     max_failures: int = Field(2, ge=0, description="Ray Train FailureConfig: worker failures to recover from by restoring the latest checkpoint.")
-    log_every_steps: int = Field(1, ge=1, description="Metrics reporting interval.")
+    log_every_steps: int = Field(20, ge=1, description="Steps between metric reports to Ray Train (metrics.jsonl and the progress bar get every step). Each report waits for the Train controller's poll (~2 s), so small values slow down fast steps.")
 
 
 # ------------------------------------------------------------------------------------------ engine
