@@ -296,3 +296,68 @@ def test_report_of_a_missing_run_fails_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run root"):
         build_report(str(tmp_path / "nope"))
     assert main(["report", "--run", str(tmp_path / "nope")]) == 2
+
+
+# ------------------------------------------------------------------------------------- real tiny run
+@pytest.fixture(scope="module")
+def real_tiny_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Path:
+    """learn (Ray Train, 1 worker) then synthesize (Ray Data, transformers drafts) on the tiny backbone."""
+    import os
+
+    from domino_ray.learn import run_learn
+    from domino_ray.synthesize import run_synthesize
+
+    base = tmp_path_factory.mktemp("real")
+    refs = base / "refs.jsonl"
+    _write_jsonl(refs, _references())
+    heldout = base / "heldout.jsonl"
+    _write_jsonl(heldout, _heldout())
+    root = base / "tiny-l1"
+    pool = {"min_actors": 1, "max_actors": 1, "num_cpus": 0.25, "batch_size": 4}
+    cfg = config_from_dict({
+        "preset": "tiny",
+        "run": {"name": "tiny-l1", "output": str(root), "seed": 0},
+        "backbone": {"model": str(tiny_model_dir), "device": "cpu"},
+        "references": {"source": str(refs), "max_tokens": 96},
+        # 12 references, batches of 4: 3 steps per epoch, one metrics row each
+        "learn": {"num_domain_tokens": 4, "num_sample_tokens": 4, "batch_size": 4, "epochs": 3, "lr": 0.05,
+                  "num_workers": 1, "log_every_steps": 1, "checkpoint_every_epochs": 3},
+        "synthesize": {
+            "num_samples": 8, "block_size": 4,
+            "draft": {"engine": {"kind": "hf", "max_model_len": 256}, "pool": pool,
+                      "sampling": {"max_tokens": 40, "temperature": 0.9}, "reject_truncated": False},
+            "respond": {"enabled": False}, "judge": {"enabled": False},
+            "filter": {"decontaminate": [], "syntax": False, "pool": pool},  # drafts are prose+code, no response
+        },
+        "report": {"heldout": str(heldout), "max_samples": 50},
+    })
+    # Ray Train's controller polls reports every 2 s by default; each report waits for a poll.
+    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+    try:
+        run_learn(cfg)
+    finally:
+        if old is None:
+            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+        else:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+    run_synthesize(cfg)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (make system-deps installs it)")
+def test_report_of_a_real_tiny_run_renders_in_chromium(real_tiny_run, tmp_path):
+    from domino_ray.report import build_report
+
+    html_file = Path(build_report(str(real_tiny_run)))
+    m = json.loads((html_file.parent / "metrics.json").read_text())
+    col = m["columns"]["tiny-l1 (λ=1)"]
+    assert col["records"] == 8 and col["l1_last"] is not None and m["fidelity_reference"] == "held-out"
+    assert sum(m["funnels"]["tiny-l1 (λ=1)"]["reasons"].values()) + col["accepted"] == 8
+    dom, shot = render_in_chromium(html_file, tmp_path)
+    # Every plot whose inputs exist: a run without evaluations still has all five.
+    n_plots = len(list(html_file.parent.glob("*.png")))
+    assert n_plots == 5
+    assert_rendered(dom, shot, n_images=n_plots)
+    shutil.copy(shot, html_file.parent / "screenshot.png")  # kept next to the report for a human look
