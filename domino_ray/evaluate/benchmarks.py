@@ -266,7 +266,9 @@ def _evalplus_problem(record: dict[str, Any], origin: str) -> Problem:
     if not isinstance(atol, (int, float)):
         raise BenchmarkError(f"{origin}: field 'atol' must be a number, got {type(atol).__name__}")
     return Problem(task_id, prompt, entry, canonical_solution=canonical, test_type="diff", prompt_kind=kind,
-                   meta={"base_input": base, "plus_input": plus, "atol": float(atol)})
+                   meta={"base_input": base, "plus_input": plus, "atol": float(atol)},
+                   # candidate and reference both run every input (HumanEval+ averages ~750 per task)
+                   timeout_s=10.0 + 0.02 * (len(base) + len(plus)))
 
 
 def _evalplus(spec: str, storage=None) -> list[Problem]:

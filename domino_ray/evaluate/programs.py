@@ -235,6 +235,10 @@ for _i, _test in enumerate(_TESTS):
                                     stderr=_ferr, timeout=_PER_TEST_S)
         except _subprocess.TimeoutExpired:
             raise TimeoutError(f"test {{_i}}: time limit of {{_PER_TEST_S:g}} s exceeded") from None
+    if _proc.returncode == -24:  # SIGXCPU: the test used up its CPU time
+        raise TimeoutError(f"test {{_i}}: CPU time limit exceeded")
+    if _proc.returncode < 0:
+        raise RuntimeError(f"test {{_i}}: killed by signal {{-_proc.returncode}}")
     if _proc.returncode != 0:
         _err = [l for l in open("error.txt", errors="replace").read().splitlines() if l.strip()]
         _last = _err[-1] if _err else f"exit status {{_proc.returncode}}"

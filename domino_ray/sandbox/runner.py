@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import re
 import selectors
@@ -222,10 +223,15 @@ def _exit_status(returncode: int, plan: IsolationPlan) -> tuple[Optional[int], O
 def run_program(code: str, cfg: SandboxConfig, stdin: Optional[str] = None, timeout_s: Optional[float] = None) -> ExecResult:
     """Run `code` as a Python program in a fresh sandboxed child process (never in this process).
 
+    A `timeout_s` above `cfg.timeout_s` (a benchmark with many tests, say) also raises the CPU limit
+    to match, so that RLIMIT_CPU does not cut a run the caller allowed to take longer.
+
     Raises SandboxError only when the sandbox itself cannot run (strict with a missing layer, no
     usable interpreter); everything the program does is reported in the result."""
     plan = ensure_isolation(cfg)
     timeout = float(timeout_s or cfg.timeout_s)
+    if timeout > cfg.cpu_s and timeout > cfg.timeout_s:
+        cfg = cfg.model_copy(update={"cpu_s": math.ceil(timeout)})
     with _uid_slot(cfg, plan) as uid, _run_dir(code, stdin, uid, plan) as run_dir:
         cmd = build_command(plan, cfg, run_dir, uid)
         stdin_file = open(Path(run_dir, "stdin"), "rb") if stdin is not None else subprocess.DEVNULL

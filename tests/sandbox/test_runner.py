@@ -112,3 +112,9 @@ def test_site_packages_only_when_asked():
     code = "import sys\nprint(any('site-packages' in p for p in sys.path))"
     assert run_program(code, CFG).stdout == "False\n"  # standard library only
     assert run_program(code, CFG.model_copy(update={"site_packages": True})).stdout == "True\n"
+
+
+def test_longer_row_timeout_raises_the_cpu_limit_with_it():
+    cfg = CFG.model_copy(update={"cpu_s": 1, "timeout_s": 1})
+    result = run_program("while True:\n    pass", cfg, timeout_s=2.5)
+    assert result.status == "timeout", result  # not cut at 1 s of CPU by RLIMIT_CPU
