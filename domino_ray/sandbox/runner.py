@@ -173,6 +173,16 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, _signal.SIGKILL)
 
 
+def _has_exited(proc: subprocess.Popen) -> bool:
+    """Whether the program has exited, without reaping it: while it is an unreaped zombie its pid
+    (= the process group id) cannot be reused, so killing the group can never hit a stranger."""
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
 def _collect(proc: subprocess.Popen, timeout_s: float, cap: int) -> tuple[bytes, bytes, bool, Optional[str]]:
     """Read stdout/stderr until both close, the deadline passes or a stream exceeds `cap`.
     Returns (stdout, stderr, timed_out, overflowing stream name)."""
@@ -189,7 +199,7 @@ def _collect(proc: subprocess.Popen, timeout_s: float, cap: int) -> tuple[bytes,
             if now >= deadline:
                 timed_out = True
                 break
-            if exited_at is None and proc.poll() is not None:
+            if exited_at is None and _has_exited(proc):
                 exited_at = now
                 _kill_group(proc.pid)  # leftover children in the group go with the program
             if exited_at is not None and now - exited_at > _GRACE_S:
