@@ -169,7 +169,8 @@ print(sorted(os.listdir(".")))
     result = run_program(code, BWRAP)
     assert result.status == "passed", result
     assert not (target / "pwned").exists() and not host_tmp.exists()
-    assert not Path("/usr/pwned").exists() and not Path("/etc/pwned").exists() and not Path("/pwned").exists()
+    for host_path in ("/usr/pwned", "/etc/pwned", "/pwned", "/dev/shm/pwned"):
+        assert not Path(host_path).exists(), host_path
     assert "refused /usr/pwned" in result.stdout
     assert "inside-workdir" in result.stdout
     assert_sandbox_still_works(BWRAP)
