@@ -710,7 +710,9 @@ def _intro(data: ReportData) -> str:
             else "the references (set report.heldout for a held-out comparison)")
     return (f"Synthetic set judged: {'every non-empty draft' if data.rcfg.samples == 'drafts' else 'accepted drafts'}. "
             f"Embeddings: {data.backbone} last hidden states, mean-pooled, L2-normalised. Fidelity is measured "
-            f"against {real}; memorisation against the references. ↑/↓: the better direction.")
+            f"against {real}; memorisation against the references. The references and held-out columns are "
+            f"real-data baselines (held-out fidelity: the references scored against the held-out set). "
+            f"↑/↓: the better direction.")
 
 
 def render_html(data: ReportData, pngs: dict[str, bytes], created: str) -> str:
