@@ -1,0 +1,207 @@
+"""pipeline: which stages a config change re-runs, how the fine-tuned model is handed to evaluation,
+the printed summary; and the whole pipeline submitted to a real local Ray head with `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domino_ray.config import config_from_dict, load_config
+from domino_ray.pipeline import finetuned_model_args, format_summary, stage_fingerprints
+from domino_ray.storage import Storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(model_dir: Path, output: str, **sections):
+    data = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    data["backbone"] = {"model": str(model_dir)}
+    data["run"]["output"] = output
+    for name, over in sections.items():
+        data[name] = {**data.get(name, {}), **over}
+    return config_from_dict(data)
+
+
+# ------------------------------------------------------------------------------------------ plan
+def test_a_config_change_reruns_only_the_stages_that_read_it(tiny_model_dir, tmp_path):
+    storage = Storage()
+    base = stage_fingerprints(tiny_cfg(tiny_model_dir, str(tmp_path)), storage)
+    assert list(base) == ["learn", "synthesize", "finetune", "evaluate_base", "evaluate_finetuned", "report"]
+
+    def changed(**sections) -> set[str]:
+        fps = stage_fingerprints(tiny_cfg(tiny_model_dir, str(tmp_path), **sections), storage)
+        return {k for k in base if fps.get(k) != base[k]}
+
+    assert changed(evaluate={"sampling": {"max_tokens": 17}}) == {"evaluate_base", "evaluate_finetuned", "report"}
+    assert changed(finetune={"lr": 0.01}) == {"finetune", "evaluate_finetuned", "report"}
+    assert changed(synthesize={"num_samples": 9}) == {"synthesize", "finetune", "evaluate_finetuned", "report"}
+    assert changed(learn={"epochs": 2}) == set(base) - {"evaluate_base"}  # the base model does not change
+    assert changed(report={"max_samples": 11}) == {"report"}
+
+
+def test_disabled_stages_are_left_out(tiny_model_dir, tmp_path):
+    fps = stage_fingerprints(tiny_cfg(tiny_model_dir, str(tmp_path), finetune={"enabled": False},
+                                      report={"enabled": False}), Storage())
+    assert list(fps) == ["learn", "synthesize", "evaluate_base"]
+    fps = stage_fingerprints(tiny_cfg(tiny_model_dir, str(tmp_path), evaluate={"compare_base": False}), Storage())
+    assert "evaluate_base" not in fps and "evaluate_finetuned" in fps
+
+
+def test_finetuned_model_prefers_merged_then_full_then_base_plus_adapter(tiny_model_dir, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, str(tmp_path))
+    base = str(tiny_model_dir)
+    assert finetuned_model_args(cfg, {"adapter": "A", "merged": "M"}, base) == {"model": "M", "lora": None}
+    assert finetuned_model_args(cfg, {"model": "F"}, base) == {"model": "F", "lora": None}
+    assert finetuned_model_args(cfg, {"adapter": "A"}, base) == {"model": base, "lora": "A"}
+
+
+def test_summary_table_names_every_stage_and_the_delta():
+    result = {"run": "/r", "seconds": 42.0,
+              "stages": {"learn": {"status": "skipped", "seconds": 0.0}, "finetune": {"status": "ran", "seconds": 12.5}},
+              "synthesize": {"rows": 32, "accepted": 20, "reject_reasons": {"duplicate": 12}},
+              "finetune": {"steps": 8, "first_loss": 5.5, "final_loss": 3.25},
+              "benchmark": "humaneval:100:164", "num_problems": 64,
+              "pass_at_1": {"base": 0.0, "finetuned": 0.015625, "delta": 0.015625}, "report": "/r/report"}
+    text = format_summary(result)
+    assert "learn" in text and "skipped" in text and "12.5" in text
+    assert "20 accepted of 32" in text and "duplicate 12" in text
+    assert "loss 5.500 -> 3.250" in text
+    assert "base 0.000  fine-tuned 0.016  delta +0.016" in text and "(64 problems)" in text
+
+
+# ------------------------------------------------------------------------------- ray job submit
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def pids_using(temp_dir: str) -> list[int]:
+    """PIDs of processes whose command line names our private Ray temp dir (only ours can)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                    out.append(int(proc.name))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture
+def ray_head():
+    """A private Ray head started with `ray start --block` (own ports and temp dir, auth off);
+    yields the dashboard address; stops its process group and any stragglers by PID."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    gcs, dash, client, agent, rt_agent, metrics = free_ports(6)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}", "--dashboard-host=127.0.0.1",
+         f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_dashboard(address, head)
+        yield address, env
+    finally:
+        _stop(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, timeout_s: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}")
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {address} not up after {timeout_s} s")
+
+
+def _stop(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM the head's process group, then SIGKILL whatever of ours is left (by PID)."""
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            pass
+        for pid in pids_using(temp_dir):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while time.time() < deadline and (head.poll() is None or pids_using(temp_dir)):
+            time.sleep(0.5)
+    assert head.poll() is not None and not pids_using(temp_dir), "Ray head processes survived"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_skips_everything(ray_head, tiny_model_dir, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, env = ray_head
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "tiny.yaml"
+    data = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    data["backbone"] = {"model": str(tiny_model_dir)}
+    cfg_path.write_text(yaml.safe_dump(data))
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+
+    def submit(job_id: str) -> str:
+        subprocess.run(
+            [ray_bin, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
+             "--runtime-env-json", json.dumps({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+             "--", "python", "jobs/pipeline.py", "--config", str(cfg_path), "--output", str(out)],
+            env=env, cwd=REPO, check=False, timeout=900, capture_output=True)
+        client = JobSubmissionClient(address)
+        logs = client.get_job_logs(job_id)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-6000:]
+        return logs
+
+    logs = submit("domino-first")
+    assert "pass@1 on humaneval:100:104 (4 problems)" in logs
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]
+    pipeline = manifest["pipeline"]
+    assert pipeline["status"] == "completed"
+    assert {s["status"] for s in pipeline["stages"].values()} == {"ran"}
+    assert set(pipeline["pass_at_1"]) == {"base", "finetuned", "delta"}
+    for stage in ("learn", "synthesize", "finetune"):
+        assert manifest[stage]["status"] == "completed"
+    assert (out / "representation" / "domain.safetensors").exists()
+    assert list((out / "synth" / "records").glob("*.parquet"))
+    assert (out / "finetune" / "adapter" / "adapter_config.json").exists()
+    for name in ("base", "finetuned"):
+        summary = json.loads((out / "eval" / name / "summary.json").read_text())
+        assert summary["num_problems"] == 4
+    assert list((out / "report").iterdir())
+
+    logs = submit("domino-again")
+    pipeline = json.loads((out / "manifest.json").read_text())["stages"]["pipeline"]
+    assert {s["status"] for s in pipeline["stages"].values()} == {"skipped"}, pipeline["stages"]
+    assert "skipped" in logs
