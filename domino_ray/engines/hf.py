@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from domino_ray.engines.base import (
     Completion,

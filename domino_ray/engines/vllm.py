@@ -150,6 +150,8 @@ class VLLMEngine(Engine):
         if self._llm is None:
             raise EngineError("the engine was shut down")
         prepared = self.prepare(requests, sampling)
+        if not prepared:
+            return []
         prompts = [self._prompt(p) for p in prepared]
         params = [self._sampling(p.sampling) for p in prepared]
         results = self._llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora_request)

@@ -189,3 +189,20 @@ def test_missing_lora_adapter_is_a_clear_error(tiny_model_dir, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="LoRA adapter"):
         HFEngine(str(tiny_model_dir), device="cpu", lora_path=str(tmp_path / "nope"))
+
+
+def test_representation_checks_name_h_and_backbone(hf_engine, soft_prefix, tmp_path):
+    from domino_ray.backbone import backbone_signature
+    from domino_ray.representation import RepresentationMismatch, load_representation, save_representation
+
+    good = {"backbone": hf_engine.model_id, "backbone_signature": backbone_signature(hf_engine.model_config)}
+    save_representation(str(tmp_path / "ok"), soft_prefix, good)
+    hf_engine.check_representation(load_representation(str(tmp_path / "ok")))
+
+    save_representation(str(tmp_path / "h"), torch.zeros(4, 512), good)
+    with pytest.raises(RepresentationMismatch, match="H=512.*H=256"):
+        hf_engine.check_representation(load_representation(str(tmp_path / "h")))
+
+    save_representation(str(tmp_path / "arch"), soft_prefix, {"backbone": "some/other-256", "backbone_signature": "0" * 16})
+    with pytest.raises(RepresentationMismatch, match="some/other-256"):
+        hf_engine.check_representation(load_representation(str(tmp_path / "arch")))

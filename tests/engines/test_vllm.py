@@ -7,7 +7,6 @@ starts the only other one.
 from __future__ import annotations
 
 import multiprocessing
-import os
 
 import psutil
 import pytest
