@@ -1,0 +1,353 @@
+"""`domino synthesize`: the Ray Data plan from seed indices to record Parquet (DESIGN.md sections 2, 4, 5).
+
+Layout under the run root:
+    synth/manifest.json           fingerprint, config, versions, counts, tokens, timings
+    synth/work/part-NNNNNN.parquet one per finished seed block (SYNTH_WORK_SCHEMA), written while streaming
+    synth/records/part-NNNNNN.parquet the records (RECORD_SCHEMA), written by the final pass
+
+Phase 1 (streaming, Ray Data): block ids of the blocks not yet in synth/work -> one row per seed ->
+draft -> respond -> tests -> judge (LLM actor pools) -> execute (sandbox actors) -> per-row filters
+(filter actors) -> BlockWriter (one actor; writes a block the moment its last row arrives). The
+driver only reads one small row per written block, so its memory does not grow with N. A killed job
+restarted with the same config lists synth/work, skips the finished blocks and redoes only the rest.
+
+Phase 2 (one Ray task, `finalize.finalize_blocks`): global dedup in seed order, final verdicts, counts,
+synth/records. Its memory grows with the number of kept samples (the MinHash index, ~1.5 KiB each);
+nothing else in the job does.
+
+Config fingerprint: the sections that change what a record contains (run name and seed, backbone,
+references, synthesize without actor-pool sizes, sandbox when execute is on, the representation's
+sha256). An existing output made with another fingerprint is refused unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from domino_ray.config import DominoConfig
+from domino_ray.manifest import RunManifest, config_fingerprint, package_versions
+from domino_ray.storage import Storage, join_uri
+from domino_ray.synthesize import blocks
+from domino_ray.synthesize.verdicts import RejectRules
+
+__all__ = ["run_synthesize", "SynthesisConflict", "synthesis_fingerprint", "SynthPaths"]
+
+log = logging.getLogger(__name__)
+
+
+class SynthesisConflict(ValueError):
+    """The output already holds records made with a different config (use --overwrite)."""
+
+
+@dataclass(frozen=True)
+class SynthPaths:
+    root: str
+
+    @property
+    def synth(self) -> str:
+        return join_uri(self.root, "synth")
+
+    @property
+    def work(self) -> str:
+        return join_uri(self.synth, "work")
+
+    @property
+    def records(self) -> str:
+        return join_uri(self.synth, "records")
+
+    @property
+    def manifest(self) -> str:
+        return join_uri(self.synth, "manifest.json")
+
+
+# ----------------------------------------------------------------------------------- fingerprint
+def _without_pools(section: Any) -> Any:
+    """Actor-pool sizes change speed, not records: a restart with more actors must still resume."""
+    if isinstance(section, dict):
+        return {k: _without_pools(v) for k, v in section.items() if k != "pool"}
+    return section
+
+
+def fingerprint_parts(cfg: DominoConfig, representation_sha256: Optional[str]) -> dict[str, Any]:
+    parts = {
+        "run": {"name": cfg.run.name, "seed": cfg.run.seed},
+        "backbone": {k: cfg.section_dict("backbone")[k] for k in ("model", "dtype", "trust_remote_code")},
+        "references": cfg.section_dict("references"),
+        "synthesize": _without_pools(cfg.section_dict("synthesize")),
+        "representation_sha256": representation_sha256,
+    }
+    if cfg.synthesize.execute.enabled:
+        parts["sandbox"] = _without_pools(cfg.section_dict("sandbox"))
+    return parts
+
+
+def synthesis_fingerprint(cfg: DominoConfig, representation_sha256: Optional[str]) -> tuple[str, dict[str, Any]]:
+    parts = fingerprint_parts(cfg, representation_sha256)
+    return config_fingerprint(parts), parts
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+# --------------------------------------------------------------------------------- preparation
+@dataclass
+class _Inputs:
+    representation_uri: Optional[str]
+    representation_sha256: Optional[str]
+    backbone: str
+    prefix: str
+    baseline_prompt: str
+
+
+def _draft_model(cfg: DominoConfig) -> str:
+    return cfg.synthesize.draft.engine.model or cfg.backbone.model
+
+
+def _prepare_inputs(cfg: DominoConfig, storage: Storage) -> _Inputs:
+    """Find and check the representation on the driver, before any actor starts: a missing or
+    mismatched D must fail in seconds with the fix, not after every actor has loaded a model."""
+    model = _draft_model(cfg)
+    if not cfg.synthesize.draft.enabled:
+        from domino_ray.backbone import load_tokenizer
+
+        tok = load_tokenizer(model, cfg.backbone.trust_remote_code)
+        # the baseline needs at least one prompt token: the prefix, else the BOS (or EOS) token
+        baseline = cfg.references.prefix or tok.bos_token or tok.eos_token
+        return _Inputs(None, None, model, "", baseline)  # the prefix is already the whole prompt
+    from transformers import AutoConfig
+
+    from domino_ray.representation import check_compatible, load_representation
+
+    root = cfg.run.output
+    if not (storage.exists(join_uri(root, "representation", "representation.json"))
+            or storage.exists(join_uri(root, "representation.json"))):
+        raise FileNotFoundError(
+            f"no representation under {join_uri(root, 'representation')}: run `domino learn --config CFG` first "
+            f"(same run.output), or set synthesize.draft.enabled: false for the no-soft-prompt baseline")
+    rep = load_representation(root, storage)
+    try:
+        model_config = AutoConfig.from_pretrained(model, trust_remote_code=cfg.backbone.trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"synthesize.draft.engine.model / backbone.model {model!r}: cannot read its config ({e})") from e
+    check_compatible(rep, model_config, model)
+    if cfg.references.prefix != rep.prefix:
+        log.warning("references.prefix %r differs from the prefix D was trained with (%r); generation uses the "
+                    "representation's, since training and generation must agree", cfg.references.prefix, rep.prefix)
+    return _Inputs(rep.uri or root, rep.sha256, model, rep.prefix, "")
+
+
+def _claim_output(storage: Storage, paths: SynthPaths, fingerprint: str, parts: dict, overwrite: bool) -> Optional[dict]:
+    """Resume (same fingerprint), refuse (different) or wipe (overwrite). Returns the old manifest."""
+    old = storage.read_json(paths.manifest) if storage.exists(paths.manifest) else None
+    leftovers = storage.list_files(paths.synth)
+    if old is not None and old.get("fingerprint") == fingerprint:
+        return old
+    if old is None and not leftovers:
+        return None
+    if not overwrite:
+        if old is None:
+            why = f"{len(leftovers)} files under {paths.synth} but no synth/manifest.json"
+        else:
+            diffs = _differences(old.get("fingerprint_parts", {}), parts)
+            why = "config differs: " + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+        raise SynthesisConflict(f"{paths.synth} holds records of another synthesis config ({why}). Pass --overwrite "
+                                f"(run_synthesize(..., overwrite=True)) to replace them, or use another run.output")
+    log.warning("overwrite: deleting %d files under %s", len(leftovers), paths.synth)
+    for uri in leftovers:
+        storage.delete(uri)
+    return None
+
+
+# ------------------------------------------------------------------------------------- the plan
+def _pool_args(pool) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
+    args: dict[str, Any] = {"batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
+                            "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)}
+    if pool.num_gpus:
+        args["num_gpus"] = pool.num_gpus
+    return args
+
+
+def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, paths: SynthPaths):
+    """The lazy Ray Data plan over the block ids in `todo` (DESIGN section 2's diagram, in code)."""
+    import ray
+
+    from domino_ray.synthesize import stages
+
+    syn = cfg.synthesize
+    total = blocks.num_blocks(syn.num_samples, syn.block_size)
+    rules = vars(RejectRules.from_config(syn))
+    s3 = cfg.storage.s3.model_dump()
+    backbone = cfg.section_dict("backbone")
+    common = {"backbone_cfg": backbone, "run": cfg.run.name, "rules": rules, "storage_cfg": s3}
+
+    # from_items, not ray.data.range: a read task holds a whole CPU while backpressured, and on a
+    # 2-CPU node that starves the actor pools forever. The list is one small dict per missing block.
+    ds = ray.data.from_items([{"id": b} for b in todo], override_num_blocks=max(1, min(len(todo), 256)))
+    ds = ds.map_batches(stages.expand_blocks, batch_size=None, num_cpus=0.1,
+                        fn_kwargs={"num_samples": syn.num_samples, "block_size": syn.block_size, "run_seed": cfg.run.seed})
+
+    def llm(ds, cls, stage_cfg, **extra):
+        kwargs = {**common, "engine_cfg": stage_cfg.engine.model_dump(), "sampling": stage_cfg.sampling.model_dump(), **extra}
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy", **_pool_args(stage_cfg.pool))
+
+    ds = llm(ds, stages.DraftStage, syn.draft, soft_prompt=syn.draft.enabled,
+             representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt)
+    if syn.respond.enabled:
+        ds = llm(ds, stages.RespondStage, syn.respond, template=syn.respond.prompt_template)
+        if syn.respond.write_tests:
+            ds = llm(ds, stages.TestsStage, syn.respond, template=syn.respond.tests_template)
+    if syn.judge.enabled:
+        ds = llm(ds, stages.JudgeStage, syn.judge, rubric=syn.judge.rubric, scale_max=syn.judge.scale_max)
+    if syn.execute.enabled:
+        ds = ds.map_batches(stages.ExecuteStage, batch_format="numpy", **_pool_args(syn.execute.pool),
+                            fn_constructor_kwargs={"sandbox_cfg": cfg.section_dict("sandbox"), "run": cfg.run.name,
+                                                   "rules": rules})
+    if syn.filter.enabled:
+        ds = ds.map_batches(stages.RowFilterStage, batch_format="numpy", **_pool_args(syn.filter.pool),
+                            fn_constructor_kwargs={"filter_cfg": syn.filter.model_dump(), "run": cfg.run.name,
+                                                   "respond_enabled": syn.respond.enabled,
+                                                   "references": cfg.section_dict("references") if syn.filter.novelty else None,
+                                                   "s3_cfg": s3})
+    constants = {"run": cfg.run.name, "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
+                 "temperature": syn.draft.sampling.temperature, "top_p": syn.draft.sampling.top_p}
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(stages.BlockWriter, batch_size=None, batch_format="numpy", num_cpus=0.1,
+                          compute=ActorPoolStrategy(size=1),
+                          fn_constructor_kwargs={"work_uri": paths.work, "num_samples": syn.num_samples,
+                                                 "block_size": syn.block_size, "s3_cfg": s3, "constants": constants,
+                                                 "rules": rules})
+
+
+def _check_resources(cfg: DominoConfig) -> None:
+    """Warn when the pools cannot all reach min_actors on this cluster: Ray Data would wait forever."""
+    import ray
+
+    syn = cfg.synthesize
+    pools = [("draft", syn.draft.pool, True), ("respond", syn.respond.pool, syn.respond.enabled),
+             ("tests", syn.respond.pool, syn.respond.enabled and syn.respond.write_tests),
+             ("judge", syn.judge.pool, syn.judge.enabled), ("execute", syn.execute.pool, syn.execute.enabled),
+             ("filter", syn.filter.pool, syn.filter.enabled)]
+    need_cpu = 0.3 + sum(p.min_actors * p.num_cpus for _, p, on in pools if on)  # + writer and seed tasks
+    need_gpu = sum(p.min_actors * p.num_gpus for _, p, on in pools if on)
+    have = ray.cluster_resources()
+    for kind, need, key in (("CPUs", need_cpu, "CPU"), ("GPUs", need_gpu, "GPU")):
+        if need > have.get(key, 0.0) + 1e-9:
+            log.warning("synthesize: the actor pools need %.2f %s at min_actors but the cluster has %.2f; the job "
+                        "waits until the cluster grows. Lower synthesize.*.pool.min_actors or num_%s.",
+                        need, kind, have.get(key, 0.0), key.lower())
+
+
+def _stream(ds, todo: list[int], total_blocks: int, num_samples: int) -> dict[str, Any]:
+    """Run the plan; the driver sees one row per written block (progress, counts)."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    rows = accepted = done = 0
+    with tqdm(total=len(todo), desc="synthesize blocks", unit="block") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for block, n, ok in zip(batch["block"].tolist(), batch["rows"].tolist(), batch["accepted"].tolist()):
+                rows, accepted, done = rows + n, accepted + ok, done + 1
+                bar.update(1)
+                log.info("synthesize: block %d written (%d rows, %d pass the per-row checks); %d/%d blocks this run, "
+                         "%d/%d overall", block, n, ok, done, len(todo), total_blocks - len(todo) + done, total_blocks)
+    seconds = time.time() - t0
+    if done != len(todo):
+        raise RuntimeError(f"synthesize: the plan ended with {done} of {len(todo)} blocks written; re-run to finish")
+    return {"blocks": done, "rows": rows, "seconds": round(seconds, 3),
+            "samples_per_second": round(rows / seconds, 3) if seconds > 0 and rows else None}
+
+
+def _finalize_remote(kwargs: dict, s3: dict) -> dict:
+    from domino_ray.config import S3Config
+    from domino_ray.synthesize.finalize import finalize_blocks
+
+    return finalize_blocks(storage=Storage(S3Config(**s3)), **kwargs)
+
+
+def _finalize(cfg: DominoConfig, paths: SynthPaths) -> dict[str, Any]:
+    import ray
+
+    syn = cfg.synthesize
+    dedup = ({"threshold": syn.filter.dedup_threshold, "num_perm": syn.filter.num_perm}
+             if syn.filter.enabled and syn.filter.dedup else None)
+    kwargs = {"work_uri": paths.work, "records_uri": paths.records, "num_samples": syn.num_samples,
+              "block_size": syn.block_size, "rules": vars(RejectRules.from_config(syn)), "dedup": dedup}
+    task = ray.remote(num_cpus=0.25, max_retries=1)(_finalize_remote)
+    return ray.get(task.remote(kwargs, cfg.storage.s3.model_dump()))
+
+
+# ------------------------------------------------------------------------------------- the job
+def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Generate, grade, filter and write N records under <run>/synth/; resumable (module docstring)."""
+    from domino_ray.runtime import ensure_ray
+
+    t0 = time.time()
+    syn = cfg.synthesize
+    storage = Storage(cfg.storage.s3)
+    storage.check_writable_root(cfg.run.output)
+    paths = SynthPaths(cfg.run.output)
+    inputs = _prepare_inputs(cfg, storage)
+    fingerprint, parts = synthesis_fingerprint(cfg, inputs.representation_sha256)
+    old = _claim_output(storage, paths, fingerprint, parts, overwrite)
+    attempts = int((old or {}).get("attempts", 0)) + 1
+    head = {"fingerprint": fingerprint, "fingerprint_parts": parts, "config": cfg.to_dict(),
+            "versions": package_versions(), "num_samples": syn.num_samples, "block_size": syn.block_size,
+            "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
+            "attempts": attempts, "records": paths.records}
+    storage.write_json(paths.manifest, {**head, "status": "running"})
+    run_manifest = RunManifest(storage, cfg.run.output)
+    run_manifest.update_stage("synthesize", "running", fingerprint, config=cfg.to_dict())
+    try:
+        total = blocks.num_blocks(syn.num_samples, syn.block_size)
+        todo = blocks.missing_blocks(storage.list_files(paths.work, suffix=".parquet"), total)
+        log.info("synthesize: %d seeds in %d blocks of %d; %d blocks already written, %d to generate",
+                 syn.num_samples, total, syn.block_size, total - len(todo), len(todo))
+        ensure_ray()
+        gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None}
+        if todo:
+            _check_resources(cfg)
+            gen = _stream(build_synthesis_plan(cfg, todo, inputs, paths), todo, total, syn.num_samples)
+        counts = _finalize(cfg, paths)
+        if counts["rows"] != syn.num_samples:
+            raise RuntimeError(f"synthesize: {counts['rows']} records for {syn.num_samples} seeds; the work files are "
+                               f"inconsistent, re-run with --overwrite")
+    except BaseException as e:
+        storage.write_json(paths.manifest, {**head, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        run_manifest.update_stage("synthesize", "failed", fingerprint, error=f"{type(e).__name__}: {e}")
+        raise
+    wall = time.time() - t0
+    summary = {
+        **head,
+        "status": "completed",
+        "blocks": {"total": total, "skipped": total - len(todo), "generated": gen["blocks"]},
+        "record_blocks_written": counts["record_blocks_written"],
+        "rows_generated": gen["rows"],
+        "counts": {k: v for k, v in counts.items()
+                   if k not in ("tokens_in", "tokens_out", "finalize_seconds", "record_blocks_written")},
+        "tokens_in": counts["tokens_in"],
+        "tokens_out": counts["tokens_out"],
+        "generate_seconds": gen["seconds"],
+        "finalize_seconds": counts["finalize_seconds"],
+        "wall_seconds": round(wall, 3),
+        "samples_per_second": gen["samples_per_second"],
+    }
+    storage.write_json(paths.manifest, summary)
+    run_manifest.update_stage("synthesize", "completed", fingerprint, records=paths.records,
+                              rows=counts["rows"], accepted=counts["accepted"],
+                              reject_reasons={k: v for k, v in counts["reject_reasons"].items() if v},
+                              samples_per_second=gen["samples_per_second"], wall_seconds=round(wall, 3))
+    log.info("synthesize: %d records, %d accepted, %s samples/s, %.1f s", counts["rows"], counts["accepted"],
+             gen["samples_per_second"], wall)
+    return {k: v for k, v in summary.items() if k not in ("config", "fingerprint_parts", "versions")}

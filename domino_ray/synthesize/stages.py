@@ -1,0 +1,400 @@
+"""Ray Data callable classes of the synthesis plan, one per stage of DESIGN.md section 4.
+
+Each class builds its heavy state once in `__init__` (an engine, the soft prompt, n-gram indexes, a
+sandbox) and maps a numpy batch to a numpy batch with its own columns added. They are plain
+callables: tests feed them dict batches without a cluster.
+
+LLM stages wrap `domino_ray.engines.stage.LLMStage` and send it only the rows that are still
+accepted: a response to an empty draft, or a grade of an empty response, is engine time spent on a
+row that is rejected anyway. Rows skipped that way keep null in the skipped stage's columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, Optional
+
+import numpy as np
+
+from domino_ray import schema
+from domino_ray.synthesize import blocks, filters
+from domino_ray.synthesize.judge import fill_template, judge_verdict, parse_judge_score
+from domino_ray.synthesize.metrics import SynthMetrics
+from domino_ray.synthesize.records import batch_to_rows, rows_to_batch, rows_to_table, utc_now, write_table
+from domino_ray.synthesize.verdicts import RejectRules, first_failure
+
+__all__ = [
+    "SEED_COLUMNS",
+    "expand_blocks",
+    "DraftStage",
+    "RespondStage",
+    "TestsStage",
+    "JudgeStage",
+    "ExecuteStage",
+    "RowFilterStage",
+    "BlockWriter",
+    "load_decontamination_texts",
+]
+
+log = logging.getLogger(__name__)
+
+# per-request seed column of each LLM stage (derived from run.seed and the seed index)
+SEED_COLUMNS = {"draft": "draft_seed", "respond": "response_seed", "tests": "tests_seed", "judge": "judge_seed"}
+_PROMPT = "_prompt"  # request text column handed to LLMStage, never stored
+
+
+def _storage(s3_cfg: Optional[dict]):
+    from domino_ray.config import S3Config
+    from domino_ray.storage import Storage
+
+    return Storage(S3Config(**(s3_cfg or {})))
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def expand_blocks(batch: dict[str, np.ndarray], *, num_samples: int, block_size: int,
+                  run_seed: int) -> dict[str, np.ndarray]:
+    """Block ids (column `id` of ray.data.range) -> one row per seed index with its request seeds."""
+    seeds = [s for b in batch["id"].tolist() for s in blocks.block_seeds(int(b), num_samples, block_size)]
+    out = {"seed_index": np.asarray(seeds, dtype=np.int64),
+           "block": np.asarray([blocks.block_of(s, block_size) for s in seeds], dtype=np.int64)}
+    for stage, column in SEED_COLUMNS.items():
+        out[column] = np.asarray([blocks.request_seed(run_seed, s, stage) for s in seeds], dtype=np.int64)
+    return out
+
+
+def _require(stage: Any, batch: dict, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in batch]
+    if missing:
+        raise KeyError(f"{type(stage).__name__}: required input columns {missing} not found; input columns: "
+                       f"{sorted(batch)}")
+
+
+# ------------------------------------------------------------------------------------ LLM stages
+class _LLMRole:
+    """Common shape of the LLM stages: choose rows, build prompts, call the engine, read the answer."""
+
+    role = ""  # metrics/token name
+    output = ""  # LLMStage output column
+    after: Optional[str] = None  # rows rejected by the stages up to this one are skipped
+    columns: tuple[str, ...] = ()  # columns this stage adds (null for skipped rows)
+    inputs: tuple[str, ...] = ()  # columns this stage reads (besides its seed column)
+
+    def __init__(self, *, engine_cfg: dict, backbone_cfg: dict, sampling: dict, run: str, rules: dict,
+                 storage_cfg: Optional[dict] = None, representation_uri: Optional[str] = None, prefix: str = "",
+                 **options: Any):
+        from domino_ray.engines.stage import LLMStage
+
+        self.rules = RejectRules(**rules)
+        self.options = options
+        self.metrics = SynthMetrics(run)
+        self.llm = LLMStage(engine_cfg=engine_cfg, backbone_cfg=backbone_cfg, sampling=sampling,
+                            input_column=_PROMPT, output_column=self.output,
+                            chat=bool(engine_cfg.get("chat_template")), representation_uri=representation_uri,
+                            storage_cfg=storage_cfg, seed_column=SEED_COLUMNS[self.role], prefix=prefix)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def wants(self, row: dict) -> bool:
+        return self.after is None or first_failure(row, self.rules, upto=self.after) is None
+
+    def prompt(self, row: dict) -> Optional[str]:
+        raise NotImplementedError
+
+    def take(self, row: dict, answer: dict) -> None:
+        raise NotImplementedError
+
+    def verdict(self, row: dict, ran: bool) -> str:
+        return "ok" if ran else "not_run"
+
+    # -- driver ----------------------------------------------------------------------------------
+    def _request_batch(self, rows: list[dict]) -> dict[str, np.ndarray]:
+        seed_col = SEED_COLUMNS[self.role]
+        batch = {seed_col: np.asarray([int(r[seed_col]) for r in rows], dtype=np.int64)}
+        prompts = [self.prompt(r) for r in rows]
+        if any(p is not None for p in prompts):
+            batch[_PROMPT] = np.asarray(prompts, dtype=object)
+        return batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _require(self, batch, self.inputs + (SEED_COLUMNS[self.role],))
+        rows = batch_to_rows(batch)
+        for r in rows:
+            for c in self.columns:
+                r.setdefault(c, None)
+        todo = [i for i, r in enumerate(rows) if self.wants(r)]
+        if todo:
+            answers = batch_to_rows(self.llm(self._request_batch([rows[i] for i in todo])))
+            if len(answers) != len(todo):
+                raise RuntimeError(f"{type(self).__name__}: engine returned {len(answers)} rows for {len(todo)} requests")
+            prompt_tokens = completion_tokens = 0
+            for i, answer in zip(todo, answers):
+                self.take(rows[i], answer)
+                prompt_tokens += int(answer.get(f"{self.output}_prompt_tokens") or 0)
+                completion_tokens += int(answer.get(f"{self.output}_tokens") or 0)
+            self.metrics.tokens(self.role, prompt_tokens, completion_tokens)
+        done = set(todo)
+        counts: dict[str, int] = defaultdict(int)
+        for i, r in enumerate(rows):
+            counts[self.verdict(r, i in done)] += 1
+        for verdict, n in counts.items():
+            self.metrics.samples(self.role, verdict, n)
+        return rows_to_batch(rows, rows[0].keys() if rows else batch.keys())
+
+
+class DraftStage(_LLMRole):
+    """Samples one draft per seed from [D ; tokens(prefix)] (or, with `soft_prompt=False`, the
+    no-soft-prompt baseline from the prefix text alone)."""
+
+    role, output = "draft", "draft"
+    columns = ("draft", "draft_tokens", "draft_finish_reason", "prompt_tokens")
+
+    def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.soft_prompt = soft_prompt
+        self.baseline_prompt = baseline_prompt
+
+    def prompt(self, row: dict) -> Optional[str]:
+        return None if self.soft_prompt else self.baseline_prompt
+
+    def take(self, row: dict, answer: dict) -> None:
+        row["draft"] = answer.get("draft")
+        row["draft_tokens"] = answer.get("draft_tokens")
+        row["draft_finish_reason"] = answer.get("draft_finish_reason")
+        row["prompt_tokens"] = answer.get("draft_prompt_tokens")
+
+    def verdict(self, row: dict, ran: bool) -> str:
+        if not ran:
+            return "not_run"
+        if not (row.get("draft") or "").strip():
+            return "empty"
+        return "truncated" if row.get("draft_finish_reason") == "length" else "ok"
+
+
+class RespondStage(_LLMRole):
+    """An instruct model answers each accepted draft (`respond.prompt_template`)."""
+
+    role, output, after = "respond", "response", "draft"
+    inputs = ("draft", "draft_finish_reason")
+    columns = ("response", "response_tokens", "response_prompt_tokens")
+
+    def prompt(self, row: dict) -> str:
+        return fill_template(self.options["template"], draft=row.get("draft") or "")
+
+    def take(self, row: dict, answer: dict) -> None:
+        row["response"] = answer.get("response")
+        row["response_tokens"] = answer.get("response_tokens")
+        row["response_prompt_tokens"] = answer.get("response_prompt_tokens")
+
+    def verdict(self, row: dict, ran: bool) -> str:
+        return "not_run" if not ran else ("empty" if not (row.get("response") or "").strip() else "ok")
+
+
+class TestsStage(_LLMRole):
+    """Self-written assert tests for each accepted draft (`respond.tests_template`); the code block of
+    the answer becomes the `tests` column that the execute stage runs."""
+
+    role, output, after = "tests", "tests_raw", "respond"
+    inputs = ("draft", "draft_finish_reason", "response")
+    columns = ("tests", "tests_tokens", "tests_prompt_tokens")
+
+    def prompt(self, row: dict) -> str:
+        return fill_template(self.options["template"], draft=row.get("draft") or "")
+
+    def take(self, row: dict, answer: dict) -> None:
+        row["tests"] = filters.extract_code(answer.get("tests_raw")) or ""
+        row["tests_tokens"] = answer.get("tests_raw_tokens")
+        row["tests_prompt_tokens"] = answer.get("tests_raw_prompt_tokens")
+
+    def verdict(self, row: dict, ran: bool) -> str:
+        return "not_run" if not ran else ("empty" if not (row.get("tests") or "").strip() else "ok")
+
+
+class JudgeStage(_LLMRole):
+    """LLM grade of draft + response with the configured rubric, parsed by `judge.parse_judge_score`."""
+
+    role, output, after = "judge", "judge_raw", "respond"
+    inputs = ("draft", "draft_finish_reason", "response")
+    columns = ("judge_raw", "judge_score", "judge_error", "judge_tokens", "judge_prompt_tokens")
+
+    def prompt(self, row: dict) -> str:
+        return fill_template(self.options["rubric"], draft=row.get("draft") or "", response=row.get("response") or "")
+
+    def take(self, row: dict, answer: dict) -> None:
+        raw = answer.get("judge_raw")
+        parsed = parse_judge_score(raw, self.options["scale_max"])
+        row["judge_raw"] = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
+        row["judge_score"], row["judge_error"] = parsed.score, parsed.error
+        row["judge_tokens"] = answer.get("judge_raw_tokens")
+        row["judge_prompt_tokens"] = answer.get("judge_raw_prompt_tokens")
+
+    def verdict(self, row: dict, ran: bool) -> str:
+        return judge_verdict(row.get("judge_score"), self.rules.threshold) if ran else "not_run"
+
+
+# --------------------------------------------------------------------------------------- execute
+class ExecuteStage:
+    """Runs `code of the response + tests` in the sandbox for each still-accepted row with tests.
+    Rows without tests get `skipped` (no evidence either way), rejected rows stay null."""
+
+    def __init__(self, *, sandbox_cfg: dict, run: str, rules: dict):
+        from domino_ray.sandbox import SandboxStage
+
+        self.sandbox = SandboxStage(sandbox_cfg)
+        self.rules = RejectRules(**rules)
+        self.metrics = SynthMetrics(run)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _require(self, batch, ("draft", "response", "tests"))
+        rows = batch_to_rows(batch)
+        todo = []
+        for i, r in enumerate(rows):
+            r["exec_status"], r["exec_detail"] = None, None
+            if first_failure(r, self.rules, upto="judge") is not None:
+                continue
+            code, tests = filters.extract_code(r.get("response")), (r.get("tests") or "").strip()
+            if not tests or not code.strip():
+                r["exec_status"], r["exec_detail"] = "skipped", "no tests" if not tests else "no code"
+                continue
+            todo.append((i, code + "\n\n" + tests + "\n"))
+        if todo:
+            programs = np.asarray([p for _, p in todo], dtype=object)
+            results = batch_to_rows(self.sandbox({"program": programs}))
+            for (i, _), res in zip(todo, results):
+                rows[i]["exec_status"] = res.get("exec_status")
+                rows[i]["exec_detail"] = res.get("exec_detail")
+        counts: dict[str, int] = defaultdict(int)
+        for r in rows:
+            counts[r["exec_status"] or "not_run"] += 1
+        for verdict, n in counts.items():
+            self.metrics.samples("execute", verdict, n)
+        return rows_to_batch(rows, rows[0].keys() if rows else batch.keys())
+
+
+# ---------------------------------------------------------------------------------------- filters
+def load_decontamination_texts(specs: list[str]) -> list[str]:
+    """Prompts, tests and reference solutions of every evaluation set in `filter.decontaminate`.
+
+    A spec is a built-in name (`humaneval`, `humaneval:0:50`) or a benchmark file spec understood by
+    `evaluate.benchmarks.load_benchmark`; a bare `*.jsonl` path is read as `jsonl:PATH`.
+    """
+    from domino_ray.evaluate.benchmarks import load_benchmark
+
+    texts = []
+    for spec in specs:
+        if spec.endswith(".jsonl") and not spec.split(":", 1)[0] in ("jsonl", "evalplus", "livecodebench"):
+            spec = f"jsonl:{spec}"
+        for p in load_benchmark(spec):
+            texts.extend(t for t in (p.prompt, p.tests, p.canonical_solution) if t)
+            texts.extend(io.get("input", "") + "\n" + io.get("output", "") for io in (p.io_tests or []))
+    return texts
+
+
+class RowFilterStage:
+    """The per-row checks of the filter stage: syntax, decontamination, novelty, and the dedup keys
+    (exact hash and MinHash of the draft) that the final pass clusters. Each actor loads the
+    evaluation n-grams and the reference index once."""
+
+    def __init__(self, *, filter_cfg: dict, run: str, respond_enabled: bool, references: Optional[dict] = None,
+                 s3_cfg: Optional[dict] = None):
+        self.cfg = filter_cfg
+        self.respond_enabled = respond_enabled
+        self.metrics = SynthMetrics(run)
+        self.decontam = None
+        if filter_cfg["decontaminate"]:
+            self.decontam = filters.build_ngram_index(load_decontamination_texts(filter_cfg["decontaminate"]),
+                                                      filter_cfg["decontam_ngram"])
+        self.novelty = None
+        if filter_cfg["novelty"] and references:
+            from domino_ray.references import read_reference_texts
+
+            texts = [t for t, _ in read_reference_texts(references["source"], references["text_field"], _storage(s3_cfg))]
+            self.novelty = filters.build_novelty_index(texts, filter_cfg["novelty_ngram"])
+
+    def _syntax(self, row: dict) -> Optional[bool]:
+        target = row.get("response") if self.respond_enabled else row.get("draft")
+        if not self.cfg["syntax"] or target is None:
+            return None
+        ok = filters.check_syntax(filters.extract_code(target))
+        if ok and row.get("tests"):
+            ok = filters.check_syntax(row["tests"])
+        return ok
+
+    def check(self, row: dict) -> dict:
+        draft = row.get("draft")
+        has_draft = isinstance(draft, str) and bool(draft.strip())
+        row["syntax_ok"] = self._syntax(row)
+        row["contaminated"] = self.decontam.contaminated(draft) if self.decontam and has_draft else None
+        row["novel"] = row["novelty_overlap"] = None
+        if self.novelty is not None and has_draft:
+            overlap, _ = self.novelty.max_overlap(draft)
+            row["novelty_overlap"] = overlap
+            row["novel"] = overlap <= self.cfg["novelty_max_overlap"]
+        row["dedup_key"] = row["minhash"] = None
+        if self.cfg["dedup"] and has_draft:
+            row["dedup_key"] = filters.exact_key(draft)
+            row["minhash"] = filters.minhash_signature(draft, self.cfg["num_perm"], self.cfg["shingle_size"])
+        return row
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _require(self, batch, ("draft",))
+        rows = [self.check(r) for r in batch_to_rows(batch)]
+        counts: dict[str, int] = defaultdict(int)
+        for r in rows:
+            if r["syntax_ok"] is not None:
+                counts["syntax_ok" if r["syntax_ok"] else "syntax_error"] += 1
+            if r["contaminated"]:
+                counts["contaminated"] += 1
+            if r["novel"] is False:
+                counts["not_novel"] += 1
+        for verdict, n in counts.items():
+            self.metrics.samples("filter", verdict, n)
+        return rows_to_batch(rows, rows[0].keys() if rows else batch.keys())
+
+
+# ----------------------------------------------------------------------------------------- writer
+class BlockWriter:
+    """Collects rows by seed block and writes each block as one work object the moment its last row
+    arrives; returns one small row per written block (the driver's progress).
+
+    Runs as a single actor so that every row of a block meets in one place. It holds only the rows
+    of blocks still in flight, which Ray Data's backpressure bounds, never the whole dataset.
+    """
+
+    def __init__(self, *, work_uri: str, num_samples: int, block_size: int, s3_cfg: Optional[dict],
+                 constants: dict, rules: dict):
+        self.work_uri = work_uri
+        self.num_samples, self.block_size = num_samples, block_size
+        self.storage = _storage(s3_cfg)
+        self.constants = constants
+        self.rules = RejectRules(**rules)
+        self.pending: dict[int, list[dict]] = defaultdict(list)
+        self.metrics = SynthMetrics(constants["run"])
+
+    def _finish_row(self, row: dict, created_at) -> dict:
+        row.update(self.constants)
+        row["id"] = schema.sample_id(self.constants["run"], int(row["seed_index"]))
+        row["created_at"] = created_at
+        row["duplicate_of"] = None  # decided by the final pass, which sees every block
+        row["reject_reason"] = first_failure(row, self.rules)
+        row["accepted"] = row["reject_reason"] is None
+        return row
+
+    def _write(self, block: int, rows: list[dict]) -> dict:
+        rows.sort(key=lambda r: r["seed_index"])
+        created_at = utc_now()
+        table = rows_to_table([self._finish_row(r, created_at) for r in rows], schema.SYNTH_WORK_SCHEMA)
+        from domino_ray.storage import join_uri
+
+        write_table(self.storage, join_uri(self.work_uri, blocks.block_name(block)), table)
+        self.metrics.samples("write", "rows", len(rows))
+        return {"block": block, "rows": len(rows), "accepted": sum(1 for r in rows if r["accepted"])}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _require(self, batch, ("seed_index", "block"))
+        written = []
+        for row in batch_to_rows(batch):
+            block = int(row["block"])
+            self.pending[block].append(row)
+            if len(self.pending[block]) == len(blocks.block_seeds(block, self.num_samples, self.block_size)):
+                written.append(self._write(block, self.pending.pop(block)))
+        return {k: np.asarray([w[k] for w in written], dtype=np.int64) for k in ("block", "rows", "accepted")}
