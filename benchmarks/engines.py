@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch1-requests", type=int, default=4, help="requests sent one at a time for batch 1")
     p.add_argument("--soft-tokens", type=int, default=256, help="P of the soft prefix in the GPU sections")
     p.add_argument("--gpu-requests", type=int, default=256, help="requests per GPU-section measurement")
+    p.add_argument("--ratios-on-cpu", action="store_true", help="run the GPU ratio sections on the vLLM CPU "
+                                                                 "build too (checks the code path; CPU ratios say little)")
+    p.add_argument("--skip-throughput", action="store_true", help="only the ratio sections")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads of the hf engine (0 = torch "
                                                           "default); 1 avoids OpenMP barrier stalls on busy hosts")
     return p.parse_args()
@@ -139,13 +142,15 @@ def section_gpu(args, model: str) -> None:
     from domino_ray.engines.vllm import vllm_usable
 
     usable, reason = vllm_usable()
-    if not torch.cuda.is_available() or not usable or "CPU" in reason:
+    on_gpu = torch.cuda.is_available() and usable and "CPU" not in reason
+    if not on_gpu and not (args.ratios_on_cpu and usable):
         print("\n== GPU sections skipped: no CUDA GPU with the official vLLM here "
               f"(torch.cuda.is_available()={torch.cuda.is_available()}; {reason}) ==")
         return
     n, p = args.gpu_requests, args.soft_tokens
     sampling = seeded(args.max_tokens, n)
-    print(f"\n== GPU: {n} requests, soft prefix P={p}, max_tokens={args.max_tokens} ==")
+    where = "GPU" if on_gpu else "CPU (--ratios-on-cpu: code-path check, not a GPU figure)"
+    print(f"\n== {where}: {n} requests, soft prefix P={p}, max_tokens={args.max_tokens} ==")
 
     plain = build("vllm", model, soft_prompt=False, enable_prefix_caching=True)
     ids_tps = tokens_per_second(plain, soft_requests_as_ids(plain, n, p), sampling, n)
@@ -188,7 +193,8 @@ def main() -> None:
     if "vllm" in kinds and not usable:
         print(f"vllm skipped: {reason}")
         kinds.remove("vllm")
-    section_throughput(args, model, kinds)
+    if not args.skip_throughput:
+        section_throughput(args, model, kinds)
     section_gpu(args, model)
 
 

@@ -270,14 +270,16 @@ class Engine(abc.ABC):
             prepared.append(p)
         return prepared
 
-    def embed_prompt(self, prepared: PreparedRequest, embed_tokens) -> Any:
-        """`cat([D, embed(ids)])` of shape (seq, H) in the engine dtype on CPU."""
+    def embed_prompt(self, prepared: PreparedRequest, embed_tokens, device: Any = "cpu") -> Any:
+        """`cat([D, embed(ids)])` of shape (seq, H) in the engine dtype on `device` (CPU for vLLM).
+
+        `embed_tokens` maps a LongTensor of ids on `device` to their (len, H) embeddings."""
         import torch
 
-        parts = [] if prepared.soft_prefix is None else [prepared.soft_prefix]
+        parts = [] if prepared.soft_prefix is None else [prepared.soft_prefix.to(device)]
         if prepared.token_ids:
-            ids = torch.tensor(prepared.token_ids, dtype=torch.long)
-            parts.append(embed_tokens(ids).to(device="cpu", dtype=self.dtype))
+            ids = torch.tensor(prepared.token_ids, dtype=torch.long, device=device)
+            parts.append(embed_tokens(ids).to(dtype=self.dtype))
         return torch.cat(parts, dim=0)
 
     def describe(self) -> dict[str, Any]:

@@ -70,20 +70,19 @@ class _RowSampler:
     def __call__(self, input_ids, scores):
         import torch
 
-        chosen = torch.empty(scores.shape[0], dtype=torch.long)
+        chosen = scores.argmax(dim=-1).cpu()  # one device sync for every greedy row
         for i, row in enumerate(self.rows):
-            chosen[i] = _pick_token(scores[i], row.sampling, row.generator)
+            if not row.sampling.greedy:
+                chosen[i] = _sample_token(scores[i], row.sampling, row.generator)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0]), chosen.to(scores.device)] = 0.0
         return out
 
 
-def _pick_token(logits, sp: SamplingParams, generator) -> int:
-    """Greedy argmax, or temperature / top-k / top-p sampling with the row's own generator."""
+def _sample_token(logits, sp: SamplingParams, generator) -> int:
+    """Temperature / top-k / top-p sampling of one row with the row's own (CPU) generator."""
     import torch
 
-    if sp.greedy:
-        return int(torch.argmax(logits))
     logits = logits.float().cpu() / sp.temperature
     if sp.top_k and sp.top_k < logits.numel():
         kth = torch.topk(logits, sp.top_k).values[-1]
@@ -231,10 +230,10 @@ class HFEngine(Engine):
             raise EngineError("the engine was shut down")
         embed = self._model.get_input_embeddings()
         with torch.inference_mode():
-            seqs = [self.embed_prompt(r.prepared, lambda ids: embed(ids.to(self.device))) for r in rows]
+            seqs = [self.embed_prompt(r.prepared, embed, self.device) for r in rows]
             width = max(s.shape[0] for s in seqs)
-            inputs = torch.zeros(len(rows), width, self.hidden_size, dtype=self.dtype)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            inputs = torch.zeros(len(rows), width, self.hidden_size, dtype=self.dtype, device=self.device)
+            mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
             for i, s in enumerate(seqs):  # left padding: every prompt ends at the last column
                 inputs[i, width - s.shape[0]:] = s
                 mask[i, width - s.shape[0]:] = 1
@@ -242,7 +241,7 @@ class HFEngine(Engine):
                 max_new_tokens=max(r.max_new for r in rows), do_sample=False, num_beams=1, use_cache=True,
                 pad_token_id=self._pad_id, eos_token_id=None, temperature=None, top_p=None, top_k=None)
             out = self._model.generate(
-                inputs_embeds=inputs.to(self.device), attention_mask=mask.to(self.device),
+                inputs_embeds=inputs, attention_mask=mask,
                 generation_config=gen_cfg, logits_processor=LogitsProcessorList([_RowSampler(rows)]),
                 stopping_criteria=StoppingCriteriaList([_RowStops(rows, self._tokenizer)]))
         generated = out.cpu().tolist()
