@@ -33,16 +33,16 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	RAY_AUTH_MODE=disabled $(BIN)/domino run --config examples/quickstart.yaml
+	RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(BIN)/domino run --config examples/quickstart.yaml
 
 test: install
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra tests
+	RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra tests
 
 test-fast: install
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -ra -m "not slow" tests
+	RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 bench: install
-	for b in benchmarks/*.py; do echo "== $$b"; RAY_AUTH_MODE=disabled $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/*.py; do echo "== $$b"; RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

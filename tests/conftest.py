@@ -18,6 +18,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth by default
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# torch's OpenMP threads spin while waiting by default; with Ray actors, vLLM and torch sharing 2 cores
+# that made HF generation 10-30x slower. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DOMINO_TEST_CACHE", REPO / ".cache"))
@@ -70,7 +73,8 @@ def ray_cluster():
         include_dashboard=False,
         _temp_dir=temp_dir,
         log_to_driver=True,
-        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                  "OMP_WAIT_POLICY": "PASSIVE"}},
     )
     yield ctx
     ray.shutdown()

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-# On a busy 2-core host, OpenMP threads that spin at barriers stall every small matmul of the tiny
-# model (measured: 10-15 tokens/s instead of 150-400). Passive waiting must be set before torch loads
-# its OpenMP runtime, so only takes effect when no earlier module imported torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
