@@ -15,8 +15,8 @@ representation.json so the engines use the same one.
 Outputs under the run root:
     <run>/learn/                 Ray Train checkpoints `epoch_NNNN/` (domain.pt, progress.json,
                                  rank_RRR.pt with S_i and optimizer state) and Ray's own state
-    <run>/learn/metrics.jsonl    one JSON per step: step, epoch, loss, l1, l2, m_diag, m_offdiag, lr
-                                 (averaged over workers; rewritten at every checkpoint)
+    <run>/learn/metrics.jsonl    one JSON per step: step, epoch, loss, l1, l2, m_diag, m_offdiag, lr,
+                                 time (averaged over workers; rewritten at every checkpoint)
     <run>/learn/outcome.json     how the last attempt ended (completed / diverged)
     <run>/representation/        D + metadata (representation.save_representation)
     <run>/manifest.json          stage "learn"
@@ -403,7 +403,7 @@ class _Learner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = domino_loss(self.model, self.D, S_batch, texts, self.payload["prefix_ids"], self.spec)
         metrics = self._mean_over_workers(out.metrics())
-        metrics.update(step=step, epoch=epoch, lr=self.sched.get_last_lr()[0])
+        metrics.update(step=step, epoch=epoch, lr=self.sched.get_last_lr()[0], time=round(time.time(), 3))
         bad = [k for k in ("l1", "l2") if metrics[k] is not None and not math.isfinite(metrics[k])]
         if bad:  # every worker sees the same averaged values, so all stop together
             return metrics, (f"non-finite {' and '.join(bad)} ({', '.join(str(metrics[k]) for k in bad)}) at step "

@@ -1,0 +1,181 @@
+"""Benchmark of `learn`: the DOMINO objective step, ours vs the released formulation, and Ray scaling.
+
+    .venv/bin/python benchmarks/learn_step.py                       # tiny backbone, CPU
+    .venv/bin/python benchmarks/learn_step.py --model PATH --device cuda --P 64 --Q 64 --max-tokens 512
+
+Part 1 times one optimisation step (loss, backward, AdamW) of `objective.domino_loss` (shared soft
+prefixes through the KV cache: B(+1) context rows + B^2 + B text rows) against
+`objective.domino_loss_straightforward` (the released code's B + 2 full-sequence forwards) on the
+same model and batch, B = 2, 4, 8, alternating the two so machine noise hits both alike; it prints
+the median times and their ratio (goal: >= 1.3x at B = 4). Part 2 runs `learn` with 1 and 2 Ray
+Train workers on the same references and prints steps/s and samples/s between the first and last
+step (startup excluded). Numbers are measured, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stdlib_functions(n: int) -> list[str]:
+    """Real Python text: n distinct standard-library functions (deterministic per Python build)."""
+    out: list[str] = []
+    for module in ("textwrap", "shlex", "posixpath", "fnmatch", "colorsys", "string", "tokenize"):
+        src = Path(sysconfig.get_paths()["stdlib"], f"{module}.py").read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.FunctionDef):
+                seg = ast.get_source_segment(src, node)
+                if seg and 200 < len(seg) < 3000 and seg not in out:
+                    out.append(seg)
+    return out[:n]
+
+
+def resolve_model(path: str | None) -> str:
+    from domino_ray.backbone import ensure_backbone
+
+    if path:
+        return path
+    cached = REPO / ".cache" / "tiny-backbone-s0-p120"  # what the test fixture builds
+    if (cached / "config.json").exists():
+        return str(cached)
+    return ensure_backbone(str(REPO / "runs" / "tiny-backbone"), build_if_missing=True, pretrain_steps=120)
+
+
+# ------------------------------------------------------------------------------ part 1
+def time_objective_step(model, tok, B: int, P: int, Q: int, max_tokens: int, repeats: int, device: str) -> dict:
+    import torch
+
+    from domino_ray.objective import (ObjectiveSpec, domino_loss, domino_loss_straightforward, init_soft_tokens,
+                                      pad_texts)
+
+    texts = stdlib_functions(B)
+    ids = [tok(t, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tok.eos_token_id] for t in texts]
+    batch = pad_texts(ids, tok.pad_token_id).to(device)
+    emb = model.get_input_embeddings().weight
+    D = torch.nn.Parameter(init_soft_tokens(emb, (P,), "vocab", 0).to(device))
+    S = torch.nn.Parameter(init_soft_tokens(emb, (B, Q), "vocab", 1).to(device))
+    opt = torch.optim.AdamW([D, S], lr=1e-3)
+    spec = ObjectiveSpec()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn(model, D, S, batch, (), spec).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t
+
+    for _ in range(2):  # warm-up (allocator, kernels)
+        step(domino_loss), step(domino_loss_straightforward)
+    ours, ref = [], []
+    for _ in range(repeats):
+        ours.append(step(domino_loss))
+        ref.append(step(domino_loss_straightforward))
+    return {"B": B, "tokens_max": int(batch.tokens.shape[1]), "ours_s": statistics.median(ours),
+            "released_s": statistics.median(ref)}
+
+
+def part1(args) -> list[dict]:
+    import torch
+
+    from domino_ray.backbone import load_backbone
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_backbone(args.model, dtype=args.dtype, device=args.device)
+    rows = [time_objective_step(model, tok, B, args.P, args.Q, args.max_tokens, args.repeats, args.device)
+            for B in (2, 4, 8)]
+    print(f"\n# objective step (loss + backward + AdamW), median of {args.repeats}; model {args.model}, "
+          f"device {args.device}, P={args.P} Q={args.Q}, texts <= {args.max_tokens} tokens, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'B':>3} {'tokens':>6} {'ours ms':>9} {'released ms':>12} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['B']:>3} {r['tokens_max']:>6} {1e3 * r['ours_s']:>9.1f} {1e3 * r['released_s']:>12.1f} "
+              f"{r['released_s'] / r['ours_s']:>8.2f}x")
+    return rows
+
+
+# ------------------------------------------------------------------------------ part 2
+def learn_throughput(model: str, refs: Path, out: Path, workers: int, epochs: int, P: int, Q: int,
+                     max_tokens: int) -> dict:
+    from domino_ray.config import config_from_dict
+    from domino_ray.learn import run_learn
+
+    cfg = config_from_dict({
+        "preset": "tiny",
+        "run": {"output": str(out / f"w{workers}")},
+        "backbone": {"model": model},
+        "references": {"source": str(refs), "max_tokens": max_tokens},
+        # one checkpoint at the end and few reports: the steps themselves are measured
+        "learn": {"num_domain_tokens": P, "num_sample_tokens": Q, "batch_size": 4, "epochs": epochs,
+                  "num_workers": workers, "checkpoint_every_epochs": epochs, "log_every_steps": 1000},
+    })
+    summary = run_learn(cfg)
+    rows = [json.loads(line) for line in Path(summary["metrics_file"]).read_text().splitlines()]
+    span = rows[-1]["time"] - rows[0]["time"]
+    steps = len(rows) - 1  # intervals between the first and last step
+    samples = summary["num_references"] * epochs * steps / len(rows)
+    return {"workers": workers, "steps": len(rows), "steps_per_s": steps / span, "samples_per_s": samples / span,
+            "wall_s": summary["seconds"]}
+
+
+def part2(args) -> list[dict]:
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="domino-bench-"))
+    refs = tmp / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_functions(args.refs)))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
+             log_to_driver=False)
+    try:
+        rows = [learn_throughput(args.model, refs, tmp, w, args.epochs, args.P, args.Q, args.max_tokens) for w in (1, 2)]
+    finally:
+        ray.shutdown()
+    print(f"\n# learn on Ray Train: {args.refs} references, {args.epochs} epochs, B=4 per worker, 1 CPU per worker")
+    print(f"{'workers':>7} {'steps':>6} {'steps/s':>8} {'samples/s':>10} {'wall s':>7}")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['steps']:>6} {r['steps_per_s']:>8.2f} {r['samples_per_s']:>10.1f} {r['wall_s']:>7.1f}")
+    print(f"2-worker / 1-worker samples/s: {rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}x")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="backbone (default: the cached tiny one, built if missing)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--P", type=int, default=16, help="domain tokens")
+    parser.add_argument("--Q", type=int, default=16, help="sample tokens")
+    parser.add_argument("--max-tokens", type=int, default=128, help="longest reference in tokens")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for part 1 (0 = torch default)")
+    parser.add_argument("--refs", type=int, default=32, help="references for part 2")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs for part 2")
+    parser.add_argument("--skip-ray", action="store_true", help="only part 1")
+    args = parser.parse_args(argv)
+    args.model = resolve_model(args.model)
+    part1(args)
+    if not args.skip_ray:
+        part2(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
