@@ -91,7 +91,7 @@ class LearnConfig(_Section):
     contrastive: Literal["paper", "infonce", "released"] = Field("paper", description="L2 variant (DESIGN section 1): paper, infonce (denominator includes i), released (authors' code).")
     normalize: Literal["sample", "token"] = Field("sample", description="NLL averaging: per sample (length-normalised) or over all tokens of the batch.")
     init: Literal["vocab", "normal"] = Field("vocab", description="Soft-token init: embeddings of random vocabulary tokens, or normal with the embedding table's std.")
-    chunk_rows: int = Field(0, ge=0, description="Rows of M per forward chunk; 0 = all B^2 at once. Lower it when memory is short.")
+    chunk_rows: int = Field(0, ge=0, description="Rows of M per forward chunk; 0 = all B^2 at once. Lower it when memory is short: chunks are checkpointed, so memory holds one chunk's activations and each chunk's text forward runs again in the backward.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers; the LM is replicated on each, D is all-reduced.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")

@@ -297,7 +297,10 @@ class _Learner:
         from domino_ray.backbone import backbone_signature, load_backbone
 
         self.device = ray.train.torch.get_device() if self.lc.use_gpu else torch.device("cpu")
-        self.model, _ = load_backbone(self.payload["model"], dtype=self.cfg.backbone.dtype, device=str(self.device),
+        dtype = self.cfg.backbone.dtype
+        if self.lc.precision == "fp32" and dtype == "auto":
+            dtype = "float32"  # fp32 asked for: not the bf16 weights `auto` picks on GPU
+        self.model, _ = load_backbone(self.payload["model"], dtype=dtype, device=str(self.device),
                                       trust_remote_code=self.cfg.backbone.trust_remote_code, frozen=True)
         self.signature = backbone_signature(self.model.config)
         on_gpu = self.device.type == "cuda"
