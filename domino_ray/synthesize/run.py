@@ -255,18 +255,25 @@ def _stream(ds, todo: list[int], total_blocks: int, num_samples: int) -> dict[st
 
     t0 = time.time()
     rows = accepted = done = 0
+    first: Optional[tuple[float, int]] = None  # (time, rows) at the first written block
     with tqdm(total=len(todo), desc="synthesize blocks", unit="block") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for block, n, ok in zip(batch["block"].tolist(), batch["rows"].tolist(), batch["accepted"].tolist()):
                 rows, accepted, done = rows + n, accepted + ok, done + 1
+                first = first or (time.time(), rows)
                 bar.update(1)
                 log.info("synthesize: block %d written (%d rows, %d pass the per-row checks); %d/%d blocks this run, "
                          "%d/%d overall", block, n, ok, done, len(todo), total_blocks - len(todo) + done, total_blocks)
     seconds = time.time() - t0
     if done != len(todo):
         raise RuntimeError(f"synthesize: the plan ended with {done} of {len(todo)} blocks written; re-run to finish")
+    # steady state: after the first block, i.e. without actor start-up (engines load in tens of seconds)
+    steady = None
+    if first is not None and rows > first[1] and time.time() > first[0]:
+        steady = round((rows - first[1]) / (time.time() - first[0]), 3)
     return {"blocks": done, "rows": rows, "seconds": round(seconds, 3),
-            "samples_per_second": round(rows / seconds, 3) if seconds > 0 and rows else None}
+            "samples_per_second": round(rows / seconds, 3) if seconds > 0 and rows else None,
+            "steady_samples_per_second": steady}
 
 
 def _finalize_remote(kwargs: dict, s3: dict) -> dict:
@@ -315,7 +322,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
         log.info("synthesize: %d seeds in %d blocks of %d; %d blocks already written, %d to generate",
                  syn.num_samples, total, syn.block_size, total - len(todo), len(todo))
         ensure_ray()
-        gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None}
+        gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None, "steady_samples_per_second": None}
         if todo:
             _check_resources(cfg)
             gen = _stream(build_synthesis_plan(cfg, todo, inputs, paths), todo, total, syn.num_samples)
@@ -342,6 +349,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
         "finalize_seconds": counts["finalize_seconds"],
         "wall_seconds": round(wall, 3),
         "samples_per_second": gen["samples_per_second"],
+        "steady_samples_per_second": gen["steady_samples_per_second"],
     }
     storage.write_json(paths.manifest, summary)
     run_manifest.update_stage("synthesize", "completed", fingerprint, records=paths.records,

@@ -141,3 +141,11 @@ def test_novelty_measures_overlap_with_one_reference():
     assert index.max_overlap(fresh) == (0.0, None)
     assert index.novel(fresh, 0.5)
     assert index.max_overlap("too short") == (0.0, None)
+
+
+def test_pure_modules_import_no_heavy_libraries():
+    code = ("import sys, domino_ray.synthesize, domino_ray.synthesize.filters, domino_ray.synthesize.judge, "
+            "domino_ray.synthesize.verdicts, domino_ray.synthesize.blocks, domino_ray.synthesize.finalize; "
+            "print(sorted(m for m in ('ray', 'torch', 'transformers', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
