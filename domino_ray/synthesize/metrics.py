@@ -1,6 +1,7 @@
 """Ray metrics of the synthesis plan (DESIGN.md section 8): samples by stage and verdict, tokens by
 stage and direction. They show on the Ray dashboard's metrics page (Prometheus names
-`ray_domino_synth_samples` and `ray_domino_synth_tokens`).
+`ray_domino_synth_samples_total{run,stage,verdict}` and
+`ray_domino_synth_tokens_total{run,stage,direction}`).
 
 Outside a Ray worker (unit tests calling a stage directly) the counters are no-ops: a metric must
 never be the reason a stage fails.

@@ -102,6 +102,11 @@ def test_vllm_drafts_and_export(ray_cluster, tiny_model_dir, references_file, tm
     summary = run_synthesize(config_from_dict(raw))
     df = pq.read_table(os.path.join(root, "synth", "records")).to_pandas()
     check_records(df, "vl", 16, summary)
+    import duckdb
+
+    n, acc = duckdb.connect().execute(f"select count(*), count(*) filter (where accepted) from "
+                        f"read_parquet('{root}/synth/records/*.parquet')").fetchone()
+    assert (n, acc) == (16, int(df["accepted"].sum()))
     assert summary["counts"]["stages"]["draft"].get("ok", 0) + summary["counts"]["stages"]["draft"].get("truncated", 0) > 0
     accepted = int(df["accepted"].sum())
     assert accepted > 0  # judge and syntax off, truncation allowed: the tiny model's drafts pass
