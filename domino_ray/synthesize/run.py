@@ -145,6 +145,24 @@ def _prepare_inputs(cfg: DominoConfig, storage: Storage) -> _Inputs:
     return _Inputs(rep.uri or root, rep.sha256, model, rep.prefix, "")
 
 
+def _check_filter_inputs(cfg: DominoConfig, storage: Storage) -> None:
+    """Read the evaluation sets and references once on the driver, so a bad path fails here with the
+    file named, not later inside every filter actor's constructor."""
+    filt = cfg.synthesize.filter
+    if not filt.enabled:
+        return
+    from domino_ray.synthesize.stages import load_decontamination_texts
+
+    try:
+        load_decontamination_texts(filt.decontaminate, storage)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"synthesize.filter.decontaminate {filt.decontaminate}: {e}") from e
+    if filt.novelty:
+        from domino_ray.references import read_reference_texts
+
+        read_reference_texts(cfg.references.source, cfg.references.text_field, storage)
+
+
 def _claim_output(storage: Storage, paths: SynthPaths, fingerprint: str, parts: dict, overwrite: bool) -> Optional[dict]:
     """Resume (same fingerprint), refuse (different) or wipe (overwrite). Returns the old manifest."""
     old = storage.read_json(paths.manifest) if storage.exists(paths.manifest) else None
@@ -306,6 +324,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     storage.check_writable_root(cfg.run.output)
     paths = SynthPaths(cfg.run.output)
     inputs = _prepare_inputs(cfg, storage)
+    _check_filter_inputs(cfg, storage)
     fingerprint, parts = synthesis_fingerprint(cfg, inputs.representation_sha256)
     old = _claim_output(storage, paths, fingerprint, parts, overwrite)
     attempts = int((old or {}).get("attempts", 0)) + 1

@@ -271,21 +271,24 @@ class ExecuteStage:
 
 
 # ---------------------------------------------------------------------------------------- filters
-def load_decontamination_texts(specs: list[str]) -> list[str]:
-    """Prompts, tests and reference solutions of every evaluation set in `filter.decontaminate`.
+def load_decontamination_texts(specs: list[str], storage: Any = None) -> list[str]:
+    """Prompts, tests, reference solutions and test inputs/outputs of every evaluation set in
+    `filter.decontaminate`.
 
-    A spec is a built-in name (`humaneval`, `humaneval:0:50`) or a benchmark file spec understood by
-    `evaluate.benchmarks.load_benchmark`; a bare `*.jsonl` path is read as `jsonl:PATH`.
+    A spec is anything `evaluate.benchmarks.load_benchmark` reads (`humaneval`, `humaneval:0:50`,
+    `jsonl:PATH`, `evalplus:PATH`, `livecodebench:PATH`, local or s3://); a bare `*.jsonl[.gz]` path is
+    read as `jsonl:PATH`.
     """
-    from domino_ray.evaluate.benchmarks import load_benchmark
+    from domino_ray.evaluate.benchmarks import KNOWN_BENCHMARKS, load_benchmark
 
     texts = []
     for spec in specs:
-        if spec.endswith(".jsonl") and not spec.split(":", 1)[0] in ("jsonl", "evalplus", "livecodebench"):
+        if spec.endswith((".jsonl", ".jsonl.gz")) and spec.split(":", 1)[0] not in KNOWN_BENCHMARKS:
             spec = f"jsonl:{spec}"
-        for p in load_benchmark(spec):
+        for p in load_benchmark(spec, storage):
             texts.extend(t for t in (p.prompt, p.tests, p.canonical_solution) if t)
-            texts.extend(io.get("input", "") + "\n" + io.get("output", "") for io in (p.io_tests or []))
+            # io pairs hold strings or JSON values (LeetCode-style calls): their text is what could leak
+            texts.extend("\n".join(str(v) for v in io.values()) for io in (p.io_tests or []) if isinstance(io, dict))
     return texts
 
 
@@ -301,8 +304,8 @@ class RowFilterStage:
         self.metrics = SynthMetrics(run)
         self.decontam = None
         if filter_cfg["decontaminate"]:
-            self.decontam = filters.build_ngram_index(load_decontamination_texts(filter_cfg["decontaminate"]),
-                                                      filter_cfg["decontam_ngram"])
+            texts = load_decontamination_texts(filter_cfg["decontaminate"], _storage(s3_cfg))
+            self.decontam = filters.build_ngram_index(texts, filter_cfg["decontam_ngram"])
         self.novelty = None
         if filter_cfg["novelty"] and references:
             from domino_ray.references import read_reference_texts

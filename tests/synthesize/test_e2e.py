@@ -44,12 +44,16 @@ def test_transformers_pipeline_on_s3(ray_cluster, tiny_model_dir, references_fil
     storage = Storage(s3_server)
     root = f"s3://{s3_bucket}/runs/hf"
     make_representation(tiny_model_dir, root, storage)
+    # every stage on: draft (2 actors), respond, tests, judge, execute (sandbox actors), filter
     cfg = config_from_dict(synth_config(tiny_model_dir, root, references_file, n=16, block=4, actors=2,
-                                        s3=s3_server.model_dump(), name="hf"))
+                                        s3=s3_server.model_dump(), name="hf",
+                                        respond={"write_tests": True, "sampling": {"max_tokens": 16}},
+                                        execute={"enabled": True}))
     summary = run_synthesize(cfg)
     assert summary["status"] == "completed" and summary["blocks"] == {"total": 4, "skipped": 0, "generated": 4}
     assert summary["samples_per_second"] > 0
     assert set(summary["counts"]["stages"]) >= {"draft", "respond", "judge", "filter"}
+    assert summary["counts"]["tokens"]["tests"]["out"] > 0
 
     # boto3: the objects, downloaded for `datasets`
     client = storage.boto3_client

@@ -149,3 +149,19 @@ def test_pure_modules_import_no_heavy_libraries():
             "print(sorted(m for m in ('ray', 'torch', 'transformers', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_decontamination_against_a_jsonl_eval_file(tmp_path):
+    import json
+
+    from domino_ray.synthesize.stages import load_decontamination_texts
+
+    prompt = ("def rotate_matrix(m):\n    \"\"\"Rotate a square matrix ninety degrees clockwise in place and return "
+              "the same list object for chaining.\"\"\"\n")
+    path = tmp_path / "private_eval.jsonl"
+    path.write_text(json.dumps({"task_id": "p/0", "prompt": prompt, "entry_point": "rotate_matrix",
+                                "tests": "assert rotate_matrix([[1]]) == [[1]]"}) + "\n")
+    index = filters.build_ngram_index(load_decontamination_texts([str(path)]), n=13)
+    leaked = "Exercise: rotate a square matrix ninety degrees clockwise in place and return the same list object."
+    assert index.contaminated(leaked)
+    assert not index.contaminated("Rotate a linked list to the right by k places and return the new head node.")

@@ -106,3 +106,23 @@ def test_cli_reports_conflict_as_an_error(tiny_model_dir, references_file, tmp_p
     cfg.write_text(json.dumps(synth_config(tiny_model_dir, str(root), references_file)))
     assert main(["synthesize", "--config", str(cfg)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("over, error", [
+    ({"filter": {"decontaminate": ["nosuchbench"]}}, "unknown benchmark 'nosuchbench'"),
+    ({"filter": {"decontaminate": ["/nowhere/eval.jsonl"]}}, "/nowhere/eval.jsonl"),
+])
+def test_bad_filter_inputs_fail_on_the_driver(tiny_model_dir, references_file, tmp_path, over, error):
+    root = str(tmp_path / "run")
+    make_representation(tiny_model_dir, root)
+    with pytest.raises(ValueError, match=error):
+        run_synthesize(config_from_dict(synth_config(tiny_model_dir, root, references_file, **over)))
+
+
+def test_missing_references_fail_on_the_driver(tiny_model_dir, tmp_path):
+    from domino_ray.references import ReferenceError
+
+    root = str(tmp_path / "run")
+    make_representation(tiny_model_dir, root)
+    with pytest.raises((ReferenceError, StorageError, FileNotFoundError), match="missing.jsonl"):
+        run_synthesize(config_from_dict(synth_config(tiny_model_dir, root, tmp_path / "missing.jsonl")))
