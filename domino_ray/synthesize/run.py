@@ -199,11 +199,11 @@ def _pool_args(pool) -> dict[str, Any]:
 def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, paths: SynthPaths):
     """The lazy Ray Data plan over the block ids in `todo` (DESIGN section 2's diagram, in code)."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     from domino_ray.synthesize import stages
 
     syn = cfg.synthesize
-    total = blocks.num_blocks(syn.num_samples, syn.block_size)
     rules = vars(RejectRules.from_config(syn))
     s3 = cfg.storage.s3.model_dump()
     backbone = cfg.section_dict("backbone")
@@ -239,8 +239,7 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
                                                    "s3_cfg": s3})
     constants = {"run": cfg.run.name, "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
                  "temperature": syn.draft.sampling.temperature, "top_p": syn.draft.sampling.top_p}
-    from ray.data import ActorPoolStrategy
-
+    # one writer actor: every row of a block must meet in one place to be written as one object
     return ds.map_batches(stages.BlockWriter, batch_size=None, batch_format="numpy", num_cpus=0.1,
                           compute=ActorPoolStrategy(size=1),
                           fn_constructor_kwargs={"work_uri": paths.work, "num_samples": syn.num_samples,
