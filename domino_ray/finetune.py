@@ -479,10 +479,11 @@ def resolve_base_model(cfg: DominoConfig) -> str:
     """finetune.base_model, else the backbone (built first when it is the missing tiny one)."""
     from domino_ray.backbone import ensure_backbone
 
-    if cfg.finetune.base_model:
-        return cfg.finetune.base_model
-    return ensure_backbone(cfg.backbone.model, cfg.backbone.build_tiny_if_missing,
-                           cfg.backbone.tiny_pretrain_steps, seed=cfg.run.seed)
+    model = cfg.finetune.base_model or ensure_backbone(
+        cfg.backbone.model, cfg.backbone.build_tiny_if_missing, cfg.backbone.tiny_pretrain_steps, seed=cfg.run.seed)
+    local = Path(model).expanduser()
+    # absolute: Ray Train workers do not run in the driver's working directory
+    return str(local.absolute()) if local.exists() else model
 
 
 def run_finetune(cfg: DominoConfig) -> dict[str, Any]:

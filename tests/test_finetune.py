@@ -143,7 +143,7 @@ def greedy(engine, prompts: list[str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_lora_sft_two_workers_lowers_loss_and_adapter_changes_generations(ray_cluster, tiny_model_dir, tmp_path):
+def test_lora_sft_two_workers_lowers_loss_and_both_engines_load_the_adapter(ray_cluster, tiny_model_dir, tmp_path):
     from domino_ray.config import BackboneConfig, EngineConfig
     from domino_ray.engines import build_engine
     from domino_ray.manifest import RunManifest
@@ -170,6 +170,10 @@ def test_lora_sft_two_workers_lowers_loss_and_adapter_changes_generations(ray_cl
     base_out, tuned_out, merged_out = greedy(base, prompts), greedy(tuned, prompts), greedy(merged, prompts)
     for e in (base, tuned, merged):
         e.shutdown()
+    vllm = build_engine(EngineConfig(kind="vllm", lora_path=str(adapter), cpu_kv_cache_gb=0.25, max_model_len=256), backbone)
+    vllm_out = greedy(vllm, prompts)
+    vllm.shutdown()
+    assert vllm_out == tuned_out  # the vLLM engine applies the same adapter (enable_lora) to the same effect
     assert tuned_out != base_out
     # every training response opens with a ``` fence; after SFT the greedy answer does too, before it none did.
     # (The 2-layer model only learns the surface of the task: it does not write correct add_N functions.)

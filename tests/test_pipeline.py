@@ -205,3 +205,21 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_skips_everything(ra
     pipeline = json.loads((out / "manifest.json").read_text())["stages"]["pipeline"]
     assert {s["status"] for s in pipeline["stages"].values()} == {"skipped"}, pipeline["stages"]
     assert "skipped" in logs
+
+
+def test_local_paths_become_absolute_and_uris_hub_ids_and_specs_do_not(tmp_path, monkeypatch):
+    from domino_ray.pipeline import absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "refs.jsonl").write_text('{"text": "x"}\n')
+    cfg = absolute_local_paths(config_from_dict({
+        "run": {"output": "./runs/a"}, "backbone": {"model": "./models/tiny"}, "references": {"source": "refs.jsonl"},
+        "evaluate": {"engine": {"model": "Qwen/Qwen2.5-Coder-7B"}},
+        "synthesize": {"respond": {"engine": {"lora_path": "~/adapter"}}}}))
+    assert cfg.run.output == str(tmp_path / "runs" / "a")
+    assert cfg.backbone.model == str(tmp_path / "models" / "tiny")
+    assert cfg.references.source == str(tmp_path / "refs.jsonl")
+    assert cfg.synthesize.respond.engine.lora_path == str(Path("~/adapter").expanduser())
+    assert cfg.evaluate.engine.model == "Qwen/Qwen2.5-Coder-7B"
+    s3 = absolute_local_paths(config_from_dict({"run": {"output": "s3://b/runs/x"}, "references": {"source": "humaneval:0:100"}}))
+    assert s3.run.output == "s3://b/runs/x" and s3.references.source == "humaneval:0:100"
