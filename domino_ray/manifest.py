@@ -40,9 +40,10 @@ _SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
 
 
 def redact_secrets(obj: Any) -> Any:
-    """A copy of config data with credential values replaced: manifests are shared, keys are not."""
+    """A copy of config data with credential values removed (null: readers fall back to the AWS
+    environment variables): manifests are shared, keys are not."""
     if isinstance(obj, dict):
-        return {k: ("***" if k in _SECRET_KEYS and v else redact_secrets(v)) for k, v in obj.items()}
+        return {k: (None if k in _SECRET_KEYS else redact_secrets(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact_secrets(v) for v in obj]
     return obj

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig
-from domino_ray.manifest import RunManifest, config_fingerprint, package_versions
+from domino_ray.manifest import RunManifest, config_fingerprint, package_versions, redact_secrets
 from domino_ray.storage import Storage, join_uri
 from domino_ray.synthesize import blocks
 from domino_ray.synthesize.verdicts import RejectRules
@@ -327,7 +327,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     fingerprint, parts = synthesis_fingerprint(cfg, inputs.representation_sha256)
     old = _claim_output(storage, paths, fingerprint, parts, overwrite)
     attempts = int((old or {}).get("attempts", 0)) + 1
-    head = {"fingerprint": fingerprint, "fingerprint_parts": parts, "config": cfg.to_dict(),
+    head = {"fingerprint": fingerprint, "fingerprint_parts": parts, "config": redact_secrets(cfg.to_dict()),
             "versions": package_versions(), "num_samples": syn.num_samples, "block_size": syn.block_size,
             "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
             "attempts": attempts, "records": paths.records}
