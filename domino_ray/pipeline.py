@@ -157,7 +157,7 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     def report() -> dict[str, Any]:
         from domino_ray.report import build_report
 
-        return {"report": build_report(run, compare=[])}
+        return {"report": build_report(run, compare=[], config=cfg)}  # cfg carries the S3 endpoint
 
     eval_deps = {k: v for k, v in sec("evaluate").items() if k not in ("enabled", "compare_base")}
     stages = [
@@ -186,7 +186,7 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     if cfg.report.enabled:
         # the report reads every artifact, so it follows every upstream fingerprint
         stages.append(PipelineStage("report", lambda: [sec("report"), {k: v for k, v in fps.items() if k != "report"}],
-                                    lambda: join_uri(run, "report"), report))
+                                    lambda: join_uri(run, "report", "report.html"), report))
     return stages
 
 
@@ -278,7 +278,7 @@ def _results(cfg: DominoConfig, storage: Storage, state: dict[str, Any], seconds
         "num_problems": (tuned or base or {}).get("num_problems"),
         "pass_at_1": {BASE: p_base, FINETUNED: p_tuned,
                       "delta": (p_tuned - p_base) if p_base is not None and p_tuned is not None else None},
-        "report": (state.get("report") or {}).get("report") or (join_uri(run, "report") if cfg.report.enabled else None),
+        "report": (state.get("report") or {}).get("report") or (join_uri(run, "report", "report.html") if cfg.report.enabled else None),
         "seconds": round(seconds, 1),
     }
 

@@ -209,3 +209,24 @@ def test_checkpoints_of_another_config_are_deleted(tmp_path):
     assert _prepare_checkpoints(storage, ckpts, "old") == {"epoch": 1, "step": 4, "fingerprint": "old"}
     assert _prepare_checkpoints(storage, ckpts, "new") is None  # the config wins: fresh start
     assert not storage.exists(ckpts)
+
+
+@pytest.mark.slow
+def test_full_finetune_writes_a_model_the_engine_loads(ray_cluster, tiny_model_dir, tmp_path):
+    from domino_ray.config import BackboneConfig, EngineConfig
+    from domino_ray.engines import build_engine
+
+    storage = Storage()
+    out = str(tmp_path / "run")
+    write_records(storage, out, toy_pairs(16))
+    summary = run_finetune(make_cfg(tiny_model_dir, out, method="full", lr=1e-3, epochs=2, batch_size=8, num_workers=1))
+    assert summary["adapter"] is None and summary["steps"] == 4 and summary["final_loss"] < summary["first_loss"]
+    model_dir = Path(summary["model"])
+    assert (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists()
+
+    prompts = [d for d, _ in toy_pairs(2)]
+    base = build_engine(EngineConfig(kind="hf"), BackboneConfig(model=str(tiny_model_dir)))
+    tuned = build_engine(EngineConfig(kind="hf", model=str(model_dir)), BackboneConfig(model=str(tiny_model_dir)))
+    assert greedy(tuned, prompts) != greedy(base, prompts)
+    base.shutdown()
+    tuned.shutdown()
