@@ -96,7 +96,7 @@ def finetuned_model_args(cfg: DominoConfig, ft_summary: dict[str, Any], base_mod
     return {"model": base_model, "lora": ft_summary["adapter"]}
 
 
-def _finetune_outputs(storage: Storage, run_root: str, cfg: DominoConfig) -> dict[str, Optional[str]]:
+def _finetune_outputs(storage: Storage, run_root: str) -> dict[str, Optional[str]]:
     """The finetune outputs on storage (used when the finetune stage itself was skipped)."""
     from domino_ray.finetune import finetune_paths
 
@@ -151,7 +151,7 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     def evaluate_finetuned() -> dict[str, Any]:
         from domino_ray.evaluate import run_evaluate
 
-        args = finetuned_model_args(cfg, _finetune_outputs(storage, run, cfg), base_model)
+        args = finetuned_model_args(cfg, _finetune_outputs(storage, run), base_model)
         return run_evaluate(cfg, name=FINETUNED, **args)
 
     def report() -> dict[str, Any]:
@@ -226,6 +226,11 @@ def run_pipeline(cfg: DominoConfig, print_summary: bool = True) -> dict[str, Any
             state["stages"][stage.name] = {"status": "skipped", "seconds": 0.0}
             continue
         log.info("pipeline: running %s (fingerprint %s)", stage.name, fp)
+        # forget the old fingerprint first: if this attempt dies half-way, its output is no longer
+        # the old config's, and a re-run with the old config must not skip it
+        previous.pop(stage.name, None)
+        manifest.update_stage(RECORD, "running", fingerprints={**previous, **_done(state)},
+                              stages=state["stages"], started_at=started)
         t = time.time()
         try:
             out = stage.run()

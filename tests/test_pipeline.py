@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from domino_ray.config import config_from_dict, load_config
+from domino_ray.config import config_from_dict
 from domino_ray.pipeline import finetuned_model_args, format_summary, stage_fingerprints
 from domino_ray.storage import Storage
 
