@@ -230,3 +230,15 @@ def test_full_finetune_writes_a_model_the_engine_loads(ray_cluster, tiny_model_d
     assert greedy(tuned, prompts) != greedy(base, prompts)
     base.shutdown()
     tuned.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_lora_sft_on_gpu_uses_bf16_and_lowers_loss(ray_cluster, tiny_model_dir, tmp_path):
+    storage = Storage()
+    out = str(tmp_path / "run")
+    write_records(storage, out, toy_pairs(32))
+    summary = run_finetune(make_cfg(tiny_model_dir, out, use_gpu=True, num_workers=1, batch_size=8, merge=True))
+    assert summary["final_loss"] < summary["first_loss"]
+    assert (Path(summary["adapter"]) / "adapter_model.safetensors").exists()
+    assert (Path(summary["merged"]) / "config.json").exists()
