@@ -85,7 +85,7 @@ def cmd_evaluate(args) -> int:
 def cmd_run(args) -> int:
     from domino_ray.pipeline import run_pipeline
 
-    _print_json(run_pipeline(_load(args)))
+    run_pipeline(_load(args))  # prints its own summary table; the full record is in <run>/manifest.json
     return 0
 
 

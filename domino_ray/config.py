@@ -25,6 +25,7 @@ __all__ = [
     "config_from_dict",
     "example_yaml",
     "dump_config",
+    "absolute_local_paths",
 ]
 
 
@@ -399,6 +400,36 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "<config>") -> D
         raise ConfigError(_format_errors(e, source)) from None
 
 
+def _looks_local(value: str) -> bool:
+    """A path (not a hub id, URI or benchmark spec): the rule backbone.ensure_backbone uses."""
+    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
+
+
+def absolute_local_paths(cfg: DominoConfig) -> DominoConfig:
+    """A copy of cfg whose local paths are absolute.
+
+    Ray workers and actors do not run in the driver's working directory, so `./runs/x` would name
+    another folder there (or, for a model, make transformers try the hub). s3:// URIs, hub ids and
+    benchmark specs (`humaneval:0:100`) are left alone.
+    """
+    data = cfg.to_dict()
+
+    def fix(section: dict, key: str) -> None:
+        value = section.get(key)
+        if isinstance(value, str) and value and not value.startswith("s3://") and _looks_local(value):
+            section[key] = str(Path(value).expanduser().absolute())
+
+    fix(data["run"], "output")
+    fix(data["backbone"], "model")
+    fix(data["references"], "source")
+    fix(data["finetune"], "base_model")
+    fix(data["report"], "heldout")
+    for engine in [data["evaluate"]["engine"]] + [data["synthesize"][s]["engine"] for s in ("draft", "respond", "judge")]:
+        fix(engine, "model")
+        fix(engine, "lora_path")
+    return config_from_dict(data, source="<absolute paths>")
+
+
 def load_config(path: str | Path, output: str | None = None, overrides: dict[str, Any] | None = None) -> DominoConfig:
     """Read a YAML config file; `output` overrides run.output (the `--output` flag)."""
     path = Path(path)
@@ -416,7 +447,8 @@ def load_config(path: str | Path, output: str | None = None, overrides: dict[str
         data = _deep_merge(data, overrides)
     if output:
         data = _deep_merge(data, {"run": {"output": output}})
-    return config_from_dict(data, source=str(path))
+    # Jobs run their Ray workers elsewhere: relative paths are resolved here, against the caller's cwd.
+    return absolute_local_paths(config_from_dict(data, source=str(path)))
 
 
 def dump_config(cfg: DominoConfig) -> str:

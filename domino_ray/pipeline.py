@@ -19,14 +19,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from domino_ray.config import DominoConfig, config_from_dict
+from domino_ray.config import DominoConfig, absolute_local_paths
 from domino_ray.manifest import RunManifest, config_fingerprint
 from domino_ray.storage import Storage, join_uri
 
-__all__ = ["run_pipeline", "plan_stages", "absolute_local_paths", "stage_fingerprints", "PipelineStage", "format_summary"]
+__all__ = ["run_pipeline", "plan_stages", "stage_fingerprints", "PipelineStage", "format_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -45,34 +44,6 @@ class PipelineStage:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _looks_local(value: str) -> bool:
-    """A path (not a hub id, URI or benchmark spec): the rule backbone.ensure_backbone uses."""
-    return value.startswith((".", "/", "~")) or Path(value).expanduser().exists()
-
-
-def absolute_local_paths(cfg: DominoConfig) -> DominoConfig:
-    """A copy of cfg whose local paths are absolute.
-
-    Ray workers and actors do not run in the driver's working directory, so `./runs/x` would name
-    another folder there (or, for a model, make transformers try the hub). s3:// URIs, hub ids and
-    benchmark specs (`humaneval:0:100`) are left alone.
-    """
-    data = cfg.to_dict()
-
-    def fix(section: dict, key: str) -> None:
-        value = section.get(key)
-        if isinstance(value, str) and value and not value.startswith("s3://") and _looks_local(value):
-            section[key] = str(Path(value).expanduser().absolute())
-
-    fix(data["run"], "output")
-    fix(data["backbone"], "model")
-    fix(data["references"], "source")
-    fix(data["finetune"], "base_model")
-    fix(data["report"], "heldout")
-    for engine in [data["evaluate"]["engine"]] + [data["synthesize"][s]["engine"] for s in ("draft", "respond", "judge")]:
-        fix(engine, "model")
-        fix(engine, "lora_path")
-    return config_from_dict(data, source="<pipeline>")
 
 
 def _sha_of(storage: Storage, uri: str) -> Optional[str]:
@@ -208,7 +179,7 @@ def run_pipeline(cfg: DominoConfig, print_summary: bool = True) -> dict[str, Any
     from domino_ray.runtime import ensure_ray
 
     t0 = time.time()
-    cfg = absolute_local_paths(cfg)
+    cfg = absolute_local_paths(cfg)  # load_config already did; library callers may pass relative paths
     run = cfg.run.output
     storage = Storage(cfg.storage.s3)
     storage.check_writable_root(run)

@@ -246,6 +246,31 @@ class Storage:
             dest.write_bytes(self.read_bytes(src))
         return local_dir
 
+    def localize(self, uri: str, cache_root: Optional[str] = None) -> str:
+        """A local folder holding what `uri` names: itself when local, else a node-local copy.
+
+        Engines and transformers read models and adapters from local folders only, so a fine-tuned
+        model under an s3:// run root is downloaded once per node (file lock + completion marker:
+        several actors on one node share one download) into $DOMINO_CACHE or ~/.cache/domino-ray.
+        """
+        if not is_s3(uri):
+            return uri
+        import fcntl
+        import hashlib
+
+        root = Path(cache_root or os.environ.get("DOMINO_CACHE") or Path.home() / ".cache" / "domino-ray")
+        dest = root / "s3" / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+        done = dest / ".domino-complete"
+        dest.mkdir(parents=True, exist_ok=True)
+        with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                if not self.list_files(uri):
+                    raise StorageError(f"{uri}: nothing stored under this prefix (expected a model or adapter folder)")
+                self.download_dir(uri, dest)
+                done.write_text(uri)
+        return str(dest)
+
     def iter_lines(self, uri: str) -> Iterator[bytes]:
         yield from self.read_bytes(uri).splitlines()
 

@@ -11,29 +11,13 @@ A killed job started again with the same config resumes: finished seed blocks ar
 `--overwrite` replaces an output written with a different config.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
+from pathlib import Path
 
+# The submitted working dir (the repo root) wins over an installed copy of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--output", default=None, help="run root URI; overrides run.output")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output made with a different config")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from domino_ray.config import load_config
-    from domino_ray.synthesize import run_synthesize
-
-    summary = run_synthesize(load_config(args.config, output=args.output), overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
-
+from domino_ray.cli import main  # noqa: E402  (after the path line on purpose)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["synthesize", *sys.argv[1:]]))

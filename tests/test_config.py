@@ -8,7 +8,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from domino_ray.config import PRESETS, ConfigError, DominoConfig, config_from_dict, dump_config, example_yaml, load_config
+from domino_ray.config import (PRESETS, ConfigError, DominoConfig, absolute_local_paths, config_from_dict, dump_config,
+                               example_yaml, load_config)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,10 @@ def write_yaml(path: Path, data) -> Path:
 def test_example_yaml_loads_back_to_the_defaults(tmp_path):
     text = example_yaml()
     assert config_from_dict(yaml.safe_load(text)).to_dict() == DominoConfig().to_dict()
-    assert load_config(write_yaml(tmp_path / "ex.yaml", text)).to_dict() == DominoConfig().to_dict()
+    # load_config also resolves local paths against the cwd (Ray workers run elsewhere)
+    loaded = load_config(write_yaml(tmp_path / "ex.yaml", text))
+    assert loaded.to_dict() == absolute_local_paths(DominoConfig()).to_dict()
+    assert Path(loaded.run.output).is_absolute() and Path(loaded.backbone.model).is_absolute()
 
 
 def _fields(model: BaseModel):
@@ -101,7 +105,7 @@ def test_lambda_alias(tmp_path):
 
 def test_output_flag_overrides_run_output(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"run": {"name": "n", "output": "./runs/a"}})
-    assert load_config(path).run.output == "./runs/a"
+    assert load_config(path).run.output == str(Path.cwd() / "runs" / "a")  # relative -> absolute
     cfg = load_config(path, output="s3://bucket/runs/b")
     assert cfg.run.output == "s3://bucket/runs/b" and cfg.run.name == "n"
     assert load_config(write_yaml(tmp_path / "e.yaml", ""), output="/tmp/o").run.output == "/tmp/o"
@@ -116,7 +120,7 @@ def test_file_level_errors(tmp_path):
         load_config(write_yaml(tmp_path / "list.yaml", "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping, got list"):
         config_from_dict([1, 2])
-    assert load_config(write_yaml(tmp_path / "empty.yaml", "")).to_dict() == DominoConfig().to_dict()
+    assert load_config(write_yaml(tmp_path / "empty.yaml", "")).to_dict() == absolute_local_paths(DominoConfig()).to_dict()
 
 
 # Recursive: configs in subfolders are checked too (torchtune's config test missed those). An empty

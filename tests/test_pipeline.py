@@ -211,7 +211,7 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_skips_everything(ra
 
 
 def test_local_paths_become_absolute_and_uris_hub_ids_and_specs_do_not(tmp_path, monkeypatch):
-    from domino_ray.pipeline import absolute_local_paths
+    from domino_ray.config import absolute_local_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "refs.jsonl").write_text('{"text": "x"}\n')

@@ -7,7 +7,7 @@ Heavy libraries (torch, transformers, vllm) are imported only when an engine is 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from domino_ray.engines.base import (
     Completion,
@@ -20,6 +20,7 @@ from domino_ray.engines.base import (
 
 if TYPE_CHECKING:
     from domino_ray.config import BackboneConfig, EngineConfig
+    from domino_ray.storage import Storage
 
 __all__ = [
     "Completion",
@@ -59,7 +60,8 @@ def select_engine_kind(kind: str, device: str = "auto") -> tuple[str, str]:
     return "hf", f"engine.kind is auto and {reason}; using transformers"
 
 
-def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_prompt: bool = False) -> Engine:
+def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_prompt: bool = False,
+                 storage: Optional["Storage"] = None) -> Engine:
     """The engine a stage asked for.
 
     Args:
@@ -67,12 +69,21 @@ def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_pr
             memory settings, LoRA adapter.
         backbone: the frozen LM section (model, dtype, device, trust_remote_code).
         soft_prompt: the engine will serve soft-prefix requests (vLLM enables prompt embeds only then).
+        storage: resolves s3:// model and adapter URIs (e.g. a fine-tuned model under an s3 run root)
+            to a node-local copy; default: AWS settings from the environment.
 
     Raises:
         EngineError: an explicitly requested engine cannot run here.
     """
     kind, reason = select_engine_kind(engine_cfg.kind, backbone.device)
+    from domino_ray.storage import Storage, is_s3
+
     model = engine_cfg.model or backbone.model
+    lora_path = engine_cfg.lora_path
+    if is_s3(model) or (lora_path and is_s3(lora_path)):
+        storage = storage or Storage()
+        model = storage.localize(model)
+        lora_path = storage.localize(lora_path) if lora_path else None
     dtype = engine_cfg.dtype if engine_cfg.dtype != "auto" else backbone.dtype
     log.info("engine: %s for %s (%s)", kind, model, reason)
     if kind == "vllm":
@@ -82,9 +93,9 @@ def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_pr
             model, dtype=dtype, max_model_len=engine_cfg.max_model_len, soft_prompt=soft_prompt,
             enable_prefix_caching=engine_cfg.enable_prefix_caching,
             gpu_memory_utilization=engine_cfg.gpu_memory_utilization, cpu_kv_cache_gb=engine_cfg.cpu_kv_cache_gb,
-            tensor_parallel_size=engine_cfg.tensor_parallel_size, lora_path=engine_cfg.lora_path,
+            tensor_parallel_size=engine_cfg.tensor_parallel_size, lora_path=lora_path,
             trust_remote_code=backbone.trust_remote_code)
     from domino_ray.engines.hf import HFEngine
 
     return HFEngine(model, dtype=dtype, device=backbone.device, max_model_len=engine_cfg.max_model_len,
-                    lora_path=engine_cfg.lora_path, trust_remote_code=backbone.trust_remote_code)
+                    lora_path=lora_path, trust_remote_code=backbone.trust_remote_code)

@@ -77,7 +77,8 @@ class LLMStage:
         self.prefix = prefix
         self.domain = None
         self.representation_sha256: Optional[str] = None
-        self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=representation_uri is not None)
+        self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=representation_uri is not None,
+                                   storage=_storage(storage_cfg))
         if representation_uri is not None:
             self._load_domain(representation_uri, storage_cfg)
 

@@ -195,7 +195,7 @@ def _generate(ds, cfg: DominoConfig, engine: EngineConfig, stops: list[str], sty
         ds, cfg.evaluate.pool,
         engine_cfg=engine.model_dump(mode="json"), backbone_cfg=cfg.backbone.model_dump(mode="json"),
         sampling=sampling, input_column="prompt", output_column="completion",
-        chat=style == "chat", seed_column="seed",
+        chat=style == "chat", seed_column="seed", storage_cfg=cfg.storage.s3.model_dump(mode="json"),
     )
 
 
