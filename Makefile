@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages: bubblewrap (sandbox network/filesystem isolation), chromium (report render test).
 DEB_PKGS := bubblewrap chromium
 
-.PHONY: install system-deps demo test test-fast bench clean
+.PHONY: install system-deps demo test test-fast bench docs clean
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ test-fast: install
 
 bench: install
 	for b in benchmarks/*.py; do echo "== $$b"; RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE $(BIN)/python $$b || exit 1; done
+
+# docs/config-reference.md is generated from the config models (tests/test_docs.py checks it is current).
+docs: install
+	{ echo "# Configuration reference"; echo; \
+	  echo "Every key with its default and what it trades, as printed by \`domino config --example\` (generated from"; \
+	  echo "\`domino_ray/config.py\`; \`make docs\` rewrites this file and a test checks it is current)."; \
+	  echo; echo '```yaml'; $(BIN)/python -m domino_ray config --example; echo '```'; } > docs/config-reference.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
