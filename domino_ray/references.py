@@ -17,7 +17,6 @@ Pure Python plus pyarrow: no Ray, no torch.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Iterable, Optional
 import pyarrow.fs as pafs
 
 from domino_ray.config import ReferencesConfig
+from domino_ray.jsonl import iter_jsonl_objects
 from domino_ray.storage import Storage, is_s3
 
 __all__ = ["ReferenceError", "ReferenceSet", "load_references", "read_reference_texts", "reference_sha256"]
@@ -118,24 +118,9 @@ def _check_text(value: Any, loc: str, text_field: str) -> str:
 
 
 def _read_jsonl(uri: str, name: str, text_field: str, storage: Storage) -> list[tuple[str, str]]:
-    data = storage.read_bytes(uri)
     out = []
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    for lineno, record in iter_jsonl_objects(storage.read_bytes(uri), uri, ReferenceError):
         loc = f"{uri}:{lineno}"
-        try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise ReferenceError(
-                f"{loc}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                f"re-encode the file as UTF-8") from None
-        if not line.strip():
-            continue  # blank lines (a trailing newline) are not records
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReferenceError(f"{loc}: invalid JSON ({e.msg} at column {e.colno}); one JSON object per line") from None
-        if not isinstance(record, dict):
-            raise ReferenceError(f"{loc}: expected a JSON object with a {text_field!r} key, got {type(record).__name__}")
         if text_field not in record:
             keys = ", ".join(sorted(map(str, record))) or "none"
             raise ReferenceError(f"{loc}: missing field {text_field!r} (keys: {keys}); set references.text_field")

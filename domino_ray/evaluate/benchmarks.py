@@ -30,6 +30,8 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
+from domino_ray.jsonl import iter_jsonl_objects
+
 __all__ = [
     "Problem",
     "BenchmarkError",
@@ -127,22 +129,9 @@ def _read_jsonl(uri: str, storage) -> Iterator[tuple[str, dict[str, Any]]]:
         except (OSError, EOFError) as e:
             raise BenchmarkError(f"{uri}: corrupt gzip file ({e})") from e
     seen = 0
-    for lineno, raw in enumerate(io.BytesIO(data), start=1):
-        origin = f"{uri}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BenchmarkError(f"{origin}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{origin}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise BenchmarkError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+    for lineno, record in iter_jsonl_objects(data, uri, BenchmarkError):
         seen += 1
-        yield origin, record
+        yield f"{uri}:{lineno}", record
     if not seen:
         raise BenchmarkError(f"{uri}: no problems (the file is empty)")
 

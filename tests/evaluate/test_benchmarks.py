@@ -123,7 +123,7 @@ def test_plain_jsonl(tmp_path):
         (b'{"prompt": "p", "tests": "t", "entry_point": "f"}\n{"prompt": "p", "tests": \n', r"bad\.jsonl:2: invalid JSON"),
         (b'{"prompt": "p", "entry_point": "f"}\n', r"bad\.jsonl:1: missing field 'tests'"),
         (b'\n\n{"prompt": 3, "tests": "t", "entry_point": "f"}\n', r"bad\.jsonl:3: field 'prompt' must be str"),
-        (b'{"prompt": "p\xff", "tests": "t", "entry_point": "f"}\n', r"bad\.jsonl:1: not UTF-8"),
+        (b'{"prompt": "p\xff", "tests": "t", "entry_point": "f"}\n', r"bad\.jsonl:1: not valid UTF-8"),
         (b'[1, 2]\n', r"bad\.jsonl:1: expected a JSON object"),
         (b"", r"bad\.jsonl: no problems"),
     ],
