@@ -109,7 +109,7 @@ class EngineConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype; auto = bf16 on GPU, fp32 on CPU.")
     max_model_len: int = Field(2048, ge=64, description="Context length the engine reserves KV cache for.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM memory fraction. On the CPU backend it is the fraction of host RAM; the engines use cpu_kv_cache_gb there instead.")
-    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vLLM CPU backend KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="vLLM KV cache size in GiB on the CPU backend (passed as kv_cache_memory_bytes; fractions allowed). Ignored on GPU.")
     enable_prefix_caching: bool = Field(True, description="Shared soft prefix D is cached across requests.")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per engine).")
     chat_template: bool = Field(False, description="Wrap text prompts with the tokenizer's chat template (instruct models).")
