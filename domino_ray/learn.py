@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig
-from domino_ray.manifest import RunManifest, config_fingerprint
+from domino_ray.manifest import RunManifest, config_fingerprint, redact_secrets
 from domino_ray.storage import Storage, is_s3, join_uri, split_s3
 
 __all__ = ["LearnDiverged", "run_learn", "learn_fingerprint", "METRIC_KEYS"]
@@ -122,7 +122,7 @@ def _prepare(cfg: DominoConfig, storage: Storage) -> dict[str, Any]:
     signature = backbone_signature(AutoConfig.from_pretrained(model, trust_remote_code=cfg.backbone.trust_remote_code))
     prefix_ids = tok(cfg.references.prefix, add_special_tokens=False)["input_ids"] if cfg.references.prefix else []
     return {
-        "cfg": _without_secrets(cfg.to_dict()),
+        "cfg": redact_secrets(cfg.to_dict()),  # workers write through Ray's storage filesystem, keys stay home
         "model": model,
         "token_ids": refs.token_ids,
         "prefix_ids": list(prefix_ids),
@@ -134,14 +134,6 @@ def _prepare(cfg: DominoConfig, storage: Storage) -> dict[str, Any]:
                    "backbone_signature": signature},
         "steps_per_epoch": steps_per_epoch(n, W, B),
     }
-
-
-def _without_secrets(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Workers write through Ray's storage filesystem and never need S3 keys: keep them off the payload."""
-    s3 = cfg_dict["storage"]["s3"]
-    for key in ("access_key_id", "secret_access_key", "session_token"):
-        s3[key] = None
-    return cfg_dict
 
 
 def steps_per_epoch(num_references: int, num_workers: int, batch_size: int) -> int:
