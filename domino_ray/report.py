@@ -533,6 +533,21 @@ def plot_memorisation(data: ReportData) -> Optional[bytes]:
     return _figure_png(fig)
 
 
+def _moving_average(values, window: int):
+    """Trailing mean over `window` steps (per-step losses vary with the batch; the trend is what matters)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) < 2:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    out = np.empty_like(v)
+    for i in range(len(v)):
+        lo = max(0, i + 1 - window)
+        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
 def plot_learn_curves(data: ReportData) -> Optional[bytes]:
     if not data.curves:
         return None
@@ -540,12 +555,14 @@ def plot_learn_curves(data: ReportData) -> Optional[bytes]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for label, s in data.curves.items():
         c = colors[label]
-        axes[0].plot(s["step"], s["l1"], color=c, label=label)
-        axes[1].plot(s["step"], s["l2"], color=c, label=label)
-        axes[2].plot(s["step"], s["m_diag"], color=c, label=f"{label}: diagonal M[i,i]")
-        axes[2].plot(s["step"], s["m_offdiag"], color=c, linestyle="--", label=f"{label}: off-diagonal M[i,j]")
+        window = max(1, len(s["step"]) // 10)
+        gap = [off - diag for off, diag in zip(s["m_offdiag"], s["m_diag"])]
+        for ax, values in zip(axes, (s["l1"], s["l2"], gap)):
+            ax.plot(s["step"], values, color=c, alpha=0.25, linewidth=0.8)
+            ax.plot(s["step"], _moving_average(values, window), color=c, label=f"{label} (mean of {window} steps)")
+    axes[2].axhline(0.0, color="grey", linewidth=0.8)
     for ax, title in zip(axes, ("L1 (sufficiency: NLL given D)", "L2 (minimality, contrastive)",
-                                "M: NLL of X_j given (D, S_i)")):
+                                "off-diagonal - diagonal of M (> 0: S_i identify their samples)")):
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
