@@ -15,34 +15,21 @@ step (startup excluded). Numbers are measured, not asserted.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from domino_ray.backbone import python_function_samples  # noqa: E402  (after the path line on purpose)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def stdlib_functions(n: int) -> list[str]:
-    """Real Python text: n distinct standard-library functions (deterministic per Python build)."""
-    out: list[str] = []
-    for module in ("textwrap", "shlex", "posixpath", "fnmatch", "colorsys", "string", "tokenize"):
-        src = Path(sysconfig.get_paths()["stdlib"], f"{module}.py").read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(src)):
-            if isinstance(node, ast.FunctionDef):
-                seg = ast.get_source_segment(src, node)
-                if seg and 200 < len(seg) < 3000 and seg not in out:
-                    out.append(seg)
-    return out[:n]
 
 
 def resolve_model(path: str | None) -> str:
@@ -63,7 +50,7 @@ def time_objective_step(model, tok, B: int, P: int, Q: int, max_tokens: int, rep
     from domino_ray.objective import (ObjectiveSpec, domino_loss, domino_loss_straightforward, init_soft_tokens,
                                       pad_texts)
 
-    texts = stdlib_functions(B)
+    texts = python_function_samples(B, min_chars=200, max_chars=3000)
     ids = [tok(t, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tok.eos_token_id] for t in texts]
     batch = pad_texts(ids, tok.pad_token_id).to(device)
     emb = model.get_input_embeddings().weight
@@ -141,7 +128,7 @@ def part2(args) -> list[dict]:
 
     tmp = Path(tempfile.mkdtemp(prefix="domino-bench-"))
     refs = tmp / "refs.jsonl"
-    refs.write_text("".join(json.dumps({"text": t}) + "\n" for t in stdlib_functions(args.refs)))
+    refs.write_text("".join(json.dumps({"text": t}) + "\n" for t in python_function_samples(args.refs, min_chars=200, max_chars=3000)))
     ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),
              log_to_driver=False)
     try:

@@ -25,6 +25,7 @@ __all__ = [
     "resolve_dtype",
     "backbone_signature",
     "ensure_backbone",
+    "python_function_samples",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,27 @@ def _python_source_files(max_bytes: int) -> list[Path]:
     if not files:
         raise RuntimeError(f"no Python sources found under {root} to train the tiny tokenizer on")
     return files
+
+
+def python_function_samples(n: int, min_chars: int = 120, max_chars: int = 900,
+                            modules: tuple[str, ...] = ("textwrap", "shlex", "posixpath", "fnmatch", "colorsys",
+                                                        "string", "tokenize")) -> list[str]:
+    """n distinct real Python functions from the standard library, in a fixed order (same Python, same
+    list): realistic references for tests and benchmarks on machines with no datasets."""
+    import ast
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out: list[str] = []
+    for module in modules:
+        src = (root / f"{module}.py").read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.FunctionDef):
+                seg = ast.get_source_segment(src, node)
+                if seg and min_chars < len(seg) < max_chars and seg not in out:
+                    out.append(seg)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} stdlib functions of {min_chars}-{max_chars} chars in {modules}, asked for {n}")
+    return out[:n]
 
 
 def _train_tokenizer(files: list[Path], vocab_size: int):

@@ -4,15 +4,14 @@ from a worker failure, and the stop on a non-finite loss."""
 
 from __future__ import annotations
 
-import ast
 import io
 import json
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
+from domino_ray.backbone import python_function_samples
 from domino_ray.config import config_from_dict
 from domino_ray.learn import LearnDiverged, run_learn, steps_per_epoch
 from domino_ray.manifest import RunManifest
@@ -24,24 +23,10 @@ WORKERS = 2
 STEPS_PER_EPOCH = 3  # 24 refs / 2 workers = 12 per shard, batches of 4
 
 
-def _stdlib_functions(n: int) -> list[str]:
-    """n distinct real Python functions from the standard library (deterministic per Python build)."""
-    out: list[str] = []
-    for module in ("textwrap", "shlex", "posixpath", "fnmatch", "colorsys"):
-        src = Path(sysconfig.get_paths()["stdlib"], f"{module}.py").read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(src)):
-            if isinstance(node, ast.FunctionDef):
-                seg = ast.get_source_segment(src, node)
-                if seg and 120 < len(seg) < 900 and seg not in out:
-                    out.append(seg)
-    assert len(out) >= n
-    return out[:n]
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("refs") / "refs.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in _stdlib_functions(NUM_REFS)))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in python_function_samples(NUM_REFS)))
     return path
 
 

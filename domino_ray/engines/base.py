@@ -157,10 +157,12 @@ class Engine(abc.ABC):
     max_model_len: int
     soft_prompt: bool = True
 
+    _tokenizer: Any  # set by each engine's constructor
+
     @property
-    @abc.abstractmethod
-    def tokenizer(self):  # transformers tokenizer
-        ...
+    def tokenizer(self):
+        """The model's transformers tokenizer (prompt rendering and decoding happen here for both engines)."""
+        return self._tokenizer
 
     @abc.abstractmethod
     def generate(

@@ -174,10 +174,6 @@ class HFEngine(Engine):
                  f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
     def model(self):
         return self._model
 

@@ -135,10 +135,6 @@ class VLLMEngine(Engine):
                  f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
 
     @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
     def llm(self):
         return self._llm
 
