@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Debian packages: bubblewrap (sandbox network/filesystem isolation), chromium (report render test).
 DEB_PKGS := bubblewrap chromium
 
-.PHONY: install system-deps demo test test-fast bench docs clean
+.PHONY: install system-deps demo test test-fast bench docs clean mutants
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ docs: install
 	  echo "Every key with its default and what it trades, as printed by \`domino config --example\` (generated from"; \
 	  echo "\`domino_ray/config.py\`; \`make docs\` rewrites this file and a test checks it is current)."; \
 	  echo; echo '```yaml'; $(BIN)/python -m domino_ray config --example; echo '```'; } > docs/config-reference.md
+
+# Mutation testing of the core modules against their fast tests (tools/mutants.py); not part of CI.
+# MODULES="filters passk" limits it; ARGS="--show --worktree" prints survivors' diffs / uses uncommitted files.
+mutants: install
+	$(BIN)/pip install -q "mutmut==3.8.1"
+	nice -n 10 $(BIN)/python tools/mutants.py $(MODULES) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
