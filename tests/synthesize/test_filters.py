@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from domino_ray.synthesize import filters
@@ -91,6 +92,33 @@ def test_dedup_is_greedy_against_kept_samples_only():
     assert dd.check(0, *_sig(" ".join(a), 256)) is None
     assert dd.check(1, *_sig(" ".join(b), 256)) == 0
     assert dd.check(2, *_sig(" ".join(c), 256)) is None
+
+
+def _estimate(a: str, b: str, num_perm: int) -> float:
+    import numpy as np
+
+    sa, sb = (np.frombuffer(filters.minhash_signature(t, num_perm), dtype=np.uint32) for t in (a, b))
+    return float(np.mean(sa == sb))
+
+
+# Two kept samples that do not match each other, and a third that matches both (and the higher one better).
+_W = [f"w{i}" for i in range(200)]
+TWO_KEPT = (" ".join(_W[0:100]), " ".join(_W[70:170]))
+MATCHES_BOTH = " ".join(_W[45:145])  # true Jaccard 0.36 with the first, 0.59 with the second
+
+
+def test_dedup_points_a_sample_matching_two_kept_seeds_at_the_lowest():
+    a, b = TWO_KEPT
+    assert _estimate(a, b, 128) < 0.3 <= min(_estimate(MATCHES_BOTH, a, 128), _estimate(MATCHES_BOTH, b, 128))
+    assert _estimate(MATCHES_BOTH, b, 128) > _estimate(MATCHES_BOTH, a, 128)  # the best match is NOT the answer
+    dd = filters.Deduplicator(threshold=0.3, num_perm=128)
+    assert dd.check(0, *_sig(a)) is None
+    assert dd.check(1, *_sig(b)) is None
+    assert sorted(int(k) for k in dd._lsh.query(dd._minhash(  # LSH does find both candidates
+        np.frombuffer(filters.minhash_signature(MATCHES_BOTH, 128), dtype=dd._dtype)))) == [0, 1]
+    assert dd.check(2, *_sig(MATCHES_BOTH)) == 0
+    assert dd.check(3, *_sig(MATCHES_BOTH.upper())) == 0  # a duplicate is never indexed: its copy meets kept seeds only
+    assert len(dd) == 2
 
 
 def test_dedup_refuses_out_of_order_and_wrong_signatures():

@@ -103,3 +103,20 @@ def test_inconsistent_work_block_is_fatal(tmp_path):
                 rows_to_table(rows[4:7], schema.SYNTH_WORK_SCHEMA))  # seed 7 missing
     with pytest.raises(RuntimeError, match="expected 4..7"):
         run(storage, root)
+
+
+def test_a_draft_matching_two_kept_seeds_points_at_the_lowest(tmp_path):
+    from tests.synthesize.test_filters import MATCHES_BOTH, TWO_KEPT
+
+    storage, root = Storage(), str(tmp_path)
+    drafts = [" ".join(f"s{s}x{k}" for k in range(30)) for s in range(N)]  # unrelated to each other
+    drafts[3], drafts[6], drafts[9] = TWO_KEPT[0], TWO_KEPT[1], MATCHES_BOTH
+    rows = [work_row(s, d, minhash=filters.minhash_signature(d, 128, 5)) for s, d in enumerate(drafts)]
+    write_work(storage, join_uri(root, "work"), rows)
+    counts = finalize_blocks(work_uri=join_uri(root, "work"), records_uri=join_uri(root, "records"), num_samples=N,
+                             block_size=BS, rules=vars(RULES), dedup={"threshold": 0.3, "num_perm": 128},
+                             storage=storage)
+    recs = read_records(storage, root)
+    assert {r["seed_index"]: r["duplicate_of"] for r in recs if r["duplicate_of"] is not None} == {9: 3}
+    assert recs[9]["reject_reason"] == "duplicate" and recs[3]["accepted"] and recs[6]["accepted"]
+    assert counts["dedup_kept"] == N - 1
