@@ -26,6 +26,7 @@ __all__ = [
     "example_yaml",
     "dump_config",
     "absolute_local_paths",
+    "STUDY_ARMS",
 ]
 
 
@@ -75,6 +76,7 @@ class ReferencesConfig(_Section):
     max_tokens: int = Field(512, ge=8, description="Longest reference in tokens (EOS included); longer samples are truncated or rejected.")
     overlong: Literal["truncate", "reject"] = Field("truncate", description="truncate: cut to max_tokens and count; reject: fail naming the file and line.")
     prefix: str = Field("", description="Fixed text placed after the soft tokens in training and generation (same in both); empty = none.")
+    holdout: int = Field(0, ge=0, description="References held out of learn (and of reference fine-tuning) for the held-out domain NLL and the fidelity metrics: the N samples with the smallest sha256 of their text, so the split does not depend on file order or seed. 0 = none (then report.heldout, if set, is the held-out set).")
 
 
 # ------------------------------------------------------------------------------------------- learn
@@ -144,7 +146,21 @@ class DraftStageConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine owning the soft prompt (prompt embeds on).")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool for draft engines.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Draft sampling; seeds derive from (run.seed, seed index).")
+    few_shot: int = Field(0, ge=0, description="With enabled: false, prompt the draft engine with this many random references as examples (few_shot_template; set engine.chat_template: true for an instruct model): the few-shot baseline of the method study. 0 = the bare prompt (references.prefix or BOS).")
+    few_shot_template: str = Field(
+        "Here are examples of problems from one domain:\n\n{examples}\n\nWrite one new problem of the same kind. "
+        "Answer with the problem only.",
+        description="Few-shot prompt; {examples} is replaced by the k examples, each opened by a line `### Example N`.")
     reject_truncated: bool = Field(True, description="Reject drafts cut off at sampling.max_tokens (reason draft_truncated): an unfinished problem statement makes a bad training pair. Turn off for tiny test models that never stop.")
+
+    @model_validator(mode="after")
+    def _few_shot_needs_no_soft_prompt(self) -> "DraftStageConfig":
+        if self.few_shot and self.enabled:
+            raise ValueError(f"few_shot is {self.few_shot} but enabled is true: few-shot drafts use no soft prompt; "
+                             f"set enabled: false (or few_shot: 0 for drafts from D)")
+        if self.few_shot and "{examples}" not in self.few_shot_template:
+            raise ValueError("few_shot_template has no {examples} placeholder, so the model would never see the examples")
+        return self
 
 
 class RespondStageConfig(_Section):
@@ -255,6 +271,7 @@ class LoraConfig(_Section):
 class FinetuneConfig(_Section):
     enabled: bool = Field(True, description="Run the finetune stage in `domino run`.")
     base_model: Optional[str] = Field(None, description="Model to fine-tune; null = the backbone.")
+    data: Literal["synthetic", "references"] = Field("synthetic", description="Training data: the accepted synthetic records (draft -> response), or the references alone as plain text (the reference-SFT baseline; learn and synthesize are then skipped by `domino run`).")
     method: Literal["lora", "full"] = Field("lora", description="LoRA via peft (small adapter) or full fine-tuning.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     epochs: int = Field(1, ge=1, description="Passes over the accepted records.")
@@ -282,6 +299,8 @@ class EvaluateConfig(_Section):
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool of completion engines.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=256), description="Completion sampling (greedy for pass@1).")
     compare_base: bool = Field(True, description="In `domino run`, evaluate the starting model too and report the delta.")
+    heldout_nll: bool = Field(True, description="In `domino run`, also measure the mean token NLL of the held-out references (references.holdout, else report.heldout) under the base and fine-tuned models: continuous and low-noise where pass@k is 0 or 1. Skipped when there is no held-out set.")
+    nll_batch_size: int = Field(8, ge=1, description="Held-out texts per forward when measuring NLL; lower it when memory is short.")
 
     @model_validator(mode="after")
     def _k_le_n(self) -> "EvaluateConfig":
@@ -305,6 +324,18 @@ class ReportConfig(_Section):
     embed_batch_size: int = Field(16, ge=1, description="Texts per backbone forward when embedding; lower it when memory is short.")
 
 
+# ------------------------------------------------------------------------------------------- study
+STUDY_ARMS = ("domino", "l1-only", "few-shot", "no-prompt", "reference-sft")
+
+
+class StudyConfig(_Section):
+    arms: list[Literal["domino", "l1-only", "few-shot", "no-prompt", "reference-sft"]] = Field(
+        default_factory=lambda: list(STUDY_ARMS),
+        description="Arms of `domino study`, each a sub-run under <run.output>/arms/<arm> with the same references, seeds, sample and fine-tuning budget: domino (lambda 1), l1-only (lambda 0), few-shot (instruct model shown few_shot_k references, no soft prompt), no-prompt (bare model), reference-sft (fine-tune on the references alone).")
+    few_shot_k: int = Field(3, ge=1, description="References shown per few-shot draft prompt; more examples = more on-domain drafts but longer prompts (and more copying).")
+    lambda_domino: float = Field(1.0, ge=0, description="lambda of the domino arm (l1-only is always 0).")
+
+
 # -------------------------------------------------------------------------------------------- root
 class DominoConfig(_Section):
     preset: Optional[Literal["tiny", "paper"]] = Field(None, description="Fill unset values from a preset: tiny (offline demo, tests) or paper (authors' 7B settings).")
@@ -318,6 +349,7 @@ class DominoConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="SFT on accepted records (Ray Train).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Pass@k evaluation.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Run report.")
+    study: StudyConfig = Field(default_factory=StudyConfig, description="Method study (`domino study`); ignored by the other commands.")
 
     def section_dict(self, name: str) -> dict[str, Any]:
         """One section as plain data (for manifests and stage fingerprints)."""

@@ -47,6 +47,7 @@ __all__ = [
     "load_accepted_records",
     "format_example",
     "build_sequences",
+    "reference_sequences",
     "pack_examples",
     "collate",
     "lr_at",
@@ -193,6 +194,25 @@ def build_sequences(records: list[dict[str, str]], tokenizer, ft: FinetuneConfig
              "target_tokens": sum(sum(1 for t in s.labels if t != IGNORE_INDEX) for s in seqs),
              "tokens": sum(len(s.input_ids) for s in seqs)}
     return seqs, stats
+
+
+def reference_sequences(cfg: DominoConfig, tokenizer, storage: Storage) -> tuple[list[dict[str, str]], list[SFTExample], dict[str, int]]:
+    """The reference-SFT baseline (`finetune.data: references`): each training reference (never a
+    held-out one) as plain text, every token a target, encoded exactly as the held-out NLL scores it
+    (context = references.prefix or BOS, then text + EOS), cut to finetune.max_length."""
+    from domino_ray.evaluate.nll import encode_heldout
+    from domino_ray.references import read_reference_split
+
+    texts, _ = read_reference_split(cfg.references, storage)
+    context, targets = encode_heldout(texts, tokenizer, min(cfg.references.max_tokens, cfg.finetune.max_length - 1),
+                                      cfg.references.prefix)
+    seqs = [SFTExample(input_ids=context + t, labels=[IGNORE_INDEX] * len(context) + t) for t in targets]
+    if cfg.finetune.packing:
+        seqs = pack_examples(seqs, cfg.finetune.max_length)
+    records = [{"id": f"reference-{i}", "draft": "", "response": t} for i, t in enumerate(texts)]
+    stats = {"examples": len(targets), "skipped_too_long": 0, "sequences": len(seqs),
+             "target_tokens": sum(len(t) for t in targets), "tokens": sum(len(s.input_ids) for s in seqs)}
+    return records, seqs, stats
 
 
 def collate(batch: list[SFTExample], pad_id: int) -> dict[str, Any]:
@@ -498,9 +518,12 @@ def run_finetune(cfg: DominoConfig) -> dict[str, Any]:
     storage.check_writable_root(run_root)
     paths = finetune_paths(run_root)
     base_model = resolve_base_model(cfg)
-    records = load_accepted_records(run_root, storage)
     tokenizer = load_tokenizer(base_model, cfg.backbone.trust_remote_code)
-    seqs, data_stats = build_sequences(records, tokenizer, ft)
+    if ft.data == "references":
+        records, seqs, data_stats = reference_sequences(cfg, tokenizer, storage)
+    else:
+        records = load_accepted_records(run_root, storage)
+        seqs, data_stats = build_sequences(records, tokenizer, ft)
     data_sha = records_sha256(records)
     fingerprint = resume_fingerprint(ft, base_model, data_sha, cfg.run.seed)
     manifest = RunManifest(storage, run_root)

@@ -10,6 +10,12 @@ unchanged and whose output exists, so changing `evaluate` re-runs only the evalu
 `learn` re-runs everything after it. Both the starting model (`eval/base`) and the fine-tuned one
 (`eval/finetuned`) are evaluated on the same benchmark slice; the pass@1 delta goes into the manifest
 and a summary table is printed at the end.
+
+When a held-out set exists (`references.holdout`, else `report.heldout`) and `evaluate.heldout_nll`
+is on, both models are also scored on it (`heldout_nll_base`, `heldout_nll_finetuned`: the mean token
+NLL of the held-out samples, `evaluate/nll.py`); results carry it under `heldout_nll`.
+Baselines leave out what they do not use: drafts without the soft prompt (`synthesize.draft.enabled:
+false`) skip learn, and `finetune.data: references` skips learn and synthesize.
 """
 
 from __future__ import annotations
@@ -77,6 +83,18 @@ def _finetune_outputs(storage: Storage, run_root: str) -> dict[str, Optional[str
     return {k: (paths[k] if has[k] else None) for k in has}
 
 
+def has_heldout(cfg: DominoConfig) -> bool:
+    """Whether the config names a held-out set for the held-out NLL."""
+    return bool(cfg.references.holdout or cfg.report.heldout)
+
+
+def _read_nll(storage: Storage, run: str, name: str) -> Optional[dict[str, Any]]:
+    from domino_ray.evaluate.nll import NLL_FILE
+
+    uri = join_uri(run, "eval", name, NLL_FILE)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
 def _pass_at_1(summary: Optional[dict[str, Any]]) -> Optional[float]:
     if not summary:
         return None
@@ -125,25 +143,49 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
         args = finetuned_model_args(cfg, _finetune_outputs(storage, run), base_model)
         return run_evaluate(cfg, name=FINETUNED, **args)
 
+    def nll_base() -> dict[str, Any]:
+        from domino_ray.evaluate.nll import run_heldout_nll
+
+        return run_heldout_nll(cfg, model=base_model, lora=None, name=BASE)
+
+    def nll_finetuned() -> dict[str, Any]:
+        from domino_ray.evaluate.nll import run_heldout_nll
+
+        args = finetuned_model_args(cfg, _finetune_outputs(storage, run), base_model)
+        return run_heldout_nll(cfg, name=FINETUNED, **args)
+
+    def nll_artifact(name: str) -> str:
+        from domino_ray.evaluate.nll import NLL_FILE
+
+        return join_uri(run, "eval", name, NLL_FILE)
+
     def report() -> dict[str, Any]:
         from domino_ray.report import build_report
 
         return {"report": build_report(run, compare=[], config=cfg)}  # cfg carries the S3 endpoint
 
-    eval_deps = {k: v for k, v in sec("evaluate").items() if k not in ("enabled", "compare_base")}
-    stages = [
-        PipelineStage("learn", lambda: [sec("backbone"), sec("references"), sec("learn"), cfg.run.seed],
-                      lambda: join_uri(run, "representation", "representation.json"), learn),
-        PipelineStage("synthesize",
-                      lambda: [sec("synthesize"), sec("sandbox"), cfg.run.name, cfg.run.seed, fps.get("learn"),
-                               _representation_sha(storage, run)],
-                      lambda: join_uri(run, "synth", "manifest.json"), synthesize),
-    ]
+    nll_keys = ("heldout_nll", "nll_batch_size")
+    eval_deps = {k: v for k, v in sec("evaluate").items() if k not in ("enabled", "compare_base") + nll_keys}
+    # the held-out NLL reads the references (its split), the held-out file, the engine dtype and batch size
+    nll_deps = [sec("references"), cfg.report.heldout, cfg.report.heldout_text_field, cfg.evaluate.nll_batch_size,
+                cfg.evaluate.engine.dtype, cfg.evaluate.pool.num_gpus > 0]
+    synthetic = cfg.finetune.data == "synthetic"  # references-only SFT needs neither learn nor synthesize
+    stages = []
+    if synthetic and cfg.synthesize.draft.enabled:  # the soft prompt D is only read by the draft stage
+        stages.append(PipelineStage("learn", lambda: [sec("backbone"), sec("references"), sec("learn"), cfg.run.seed],
+                                    lambda: join_uri(run, "representation", "representation.json"), learn))
+    if synthetic:
+        stages.append(PipelineStage(
+            "synthesize",
+            lambda: [sec("synthesize"), sec("sandbox"), cfg.run.name, cfg.run.seed, fps.get("learn"),
+                     _representation_sha(storage, run)],
+            lambda: join_uri(run, "synth", "manifest.json"), synthesize))
     if cfg.finetune.enabled:
         stages.append(PipelineStage(
             "finetune",
             lambda: [sec("finetune"), base_model, cfg.run.seed, fps.get("synthesize"),
-                     _sha_of(storage, join_uri(run, "synth", "manifest.json"))],
+                     _sha_of(storage, join_uri(run, "synth", "manifest.json"))] if synthetic else
+                    [sec("finetune"), base_model, cfg.run.seed, sec("references")],
             lambda: join_uri(run, "finetune", "adapter" if cfg.finetune.method == "lora" else "model",
                              "adapter_config.json" if cfg.finetune.method == "lora" else "config.json"),
             finetune))
@@ -154,6 +196,13 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
         stages.append(PipelineStage("evaluate_finetuned",
                                     lambda: [eval_deps, sec("sandbox"), fps.get("finetune")],
                                     lambda: eval_summary(FINETUNED), evaluate_finetuned))
+    if cfg.evaluate.enabled and cfg.evaluate.heldout_nll and has_heldout(cfg):
+        if cfg.evaluate.compare_base or not cfg.finetune.enabled:
+            stages.append(PipelineStage("heldout_nll_base", lambda: [nll_deps, base_model],
+                                        lambda: nll_artifact(BASE), nll_base))
+        if cfg.finetune.enabled:
+            stages.append(PipelineStage("heldout_nll_finetuned", lambda: [nll_deps, fps.get("finetune")],
+                                        lambda: nll_artifact(FINETUNED), nll_finetuned))
     if cfg.report.enabled:
         # the report reads every artifact, so it follows every upstream fingerprint
         stages.append(PipelineStage("report", lambda: [sec("report"), {k: v for k, v in fps.items() if k != "report"}],
@@ -239,6 +288,8 @@ def _results(cfg: DominoConfig, storage: Storage, state: dict[str, Any], seconds
     run = cfg.run.output
     base, tuned = _read_eval(storage, run, BASE), _read_eval(storage, run, FINETUNED)
     p_base, p_tuned = _pass_at_1(base), _pass_at_1(tuned)
+    n_base, n_tuned = _read_nll(storage, run, BASE), _read_nll(storage, run, FINETUNED)
+    nll_base, nll_tuned = (n_base or {}).get("nll"), (n_tuned or {}).get("nll")
     manifest = RunManifest(storage, run).load()["stages"]
     synth = manifest.get("synthesize") or {}
     ft = manifest.get("finetune") or {}
@@ -254,6 +305,10 @@ def _results(cfg: DominoConfig, storage: Storage, state: dict[str, Any], seconds
         "num_problems": (tuned or base or {}).get("num_problems"),
         "pass_at_1": {BASE: p_base, FINETUNED: p_tuned,
                       "delta": (p_tuned - p_base) if p_base is not None and p_tuned is not None else None},
+        "heldout_nll": {BASE: nll_base, FINETUNED: nll_tuned,
+                        "delta": (nll_tuned - nll_base) if nll_base is not None and nll_tuned is not None else None,
+                        "num_samples": (n_tuned or n_base or {}).get("num_samples"),
+                        "tokens": (n_tuned or n_base or {}).get("tokens")},
         "report": (state.get("report") or {}).get("report") or (join_uri(run, "report", "report.html") if cfg.report.enabled else None),
         "seconds": round(seconds, 1),
     }

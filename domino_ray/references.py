@@ -28,7 +28,8 @@ from domino_ray.config import ReferencesConfig
 from domino_ray.jsonl import iter_jsonl_objects
 from domino_ray.storage import Storage, is_s3
 
-__all__ = ["ReferenceError", "ReferenceSet", "load_references", "read_reference_texts", "reference_sha256"]
+__all__ = ["ReferenceError", "ReferenceSet", "load_references", "read_reference_texts", "reference_sha256",
+           "split_holdout", "read_reference_split"]
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,31 @@ def _drop_duplicates(pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]
     return kept, notes
 
 
+def split_holdout(pairs: list[tuple[str, str]], holdout: int, source: str = "references") -> tuple[list, list]:
+    """(kept, held out): the `holdout` pairs whose text has the smallest sha256 are held out.
+
+    Hash order, not file order or a seed, so every arm of a study and every re-run holds out the same
+    samples, and adding a reference moves at most one sample across the split. Both lists keep the
+    input order. At least two samples must stay for learn (a contrastive batch needs B >= 2).
+    """
+    if holdout <= 0:
+        return list(pairs), []
+    if holdout > len(pairs) - 2:
+        raise ReferenceError(
+            f"references.holdout={holdout} leaves {len(pairs) - holdout} of the {len(pairs)} distinct samples of "
+            f"{source} for learn; at least 2 must stay: lower references.holdout or add references")
+    order = sorted(range(len(pairs)), key=lambda i: hashlib.sha256(pairs[i][0].encode("utf-8")).hexdigest())
+    out = set(order[:holdout])
+    return [p for i, p in enumerate(pairs) if i not in out], [p for i, p in enumerate(pairs) if i in out]
+
+
+def read_reference_split(cfg: ReferencesConfig, storage: Optional[Storage] = None) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of `cfg`: deduplicated, split by `references.holdout`."""
+    kept, _ = _drop_duplicates(read_reference_texts(cfg.source, cfg.text_field, storage))
+    train, held = split_holdout(kept, cfg.holdout, cfg.source)
+    return [t for t, _ in train], [t for t, _ in held]
+
+
 def _fit_length(ids: list[int], eos: int, origin: str, cfg: ReferencesConfig) -> tuple[list[int], bool]:
     """ids + [EOS], cut to max_tokens with EOS kept last, or an error when overlong samples are rejected."""
     n = len(ids) + 1
@@ -208,6 +234,7 @@ def load_references(cfg: ReferencesConfig, tokenizer, storage: Optional[Storage]
     if dup_notes:
         log.warning("references: dropped %d exact duplicate(s) (duplicate = first kept): %s%s", len(dup_notes),
                     "; ".join(dup_notes[:_EXAMPLES_SHOWN]), " ..." if len(dup_notes) > _EXAMPLES_SHOWN else "")
+    kept, held = split_holdout(kept, cfg.holdout, cfg.source)  # learn never sees the held-out samples
     texts = [t for t, _ in kept]
     origins = [o for _, o in kept]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -225,6 +252,7 @@ def load_references(cfg: ReferencesConfig, tokenizer, storage: Optional[Storage]
         "source": cfg.source,
         "read": len(pairs),
         "duplicates_dropped": len(dup_notes),
+        "held_out": len(held),
         "truncated": len(truncated),
         "samples": len(texts),
         "tokens_total": sum(lengths),

@@ -106,6 +106,7 @@ class _Inputs:
     backbone: str
     prefix: str
     baseline_prompt: str
+    baseline_prompts: tuple[str, ...] = ()  # one per seed index (few-shot baseline); empty = baseline_prompt
 
 
 def _draft_model(cfg: DominoConfig) -> str:
@@ -122,7 +123,15 @@ def _prepare_inputs(cfg: DominoConfig, storage: Storage) -> _Inputs:
         tok = load_tokenizer(model, cfg.backbone.trust_remote_code)
         # the baseline needs at least one prompt token: the prefix, else the BOS (or EOS) token
         baseline = cfg.references.prefix or tok.bos_token or tok.eos_token
-        return _Inputs(None, None, model, "", baseline)  # the prefix is already the whole prompt
+        prompts: tuple[str, ...] = ()
+        if cfg.synthesize.draft.few_shot:
+            from domino_ray.references import read_reference_split
+            from domino_ray.synthesize.fewshot import few_shot_prompts
+
+            train, _ = read_reference_split(cfg.references, storage)  # never the held-out samples
+            prompts = tuple(few_shot_prompts(train, cfg.synthesize.draft.few_shot, cfg.synthesize.draft.few_shot_template,
+                                             cfg.run.seed, cfg.synthesize.num_samples))
+        return _Inputs(None, None, model, "", baseline, prompts)  # the prefix is already the whole prompt
     from transformers import AutoConfig
 
     from domino_ray.representation import check_compatible, load_representation
@@ -220,7 +229,8 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy", **_pool_args(stage_cfg.pool))
 
     ds = llm(ds, stages.DraftStage, syn.draft, soft_prompt=syn.draft.enabled,
-             representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt)
+             representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt,
+             baseline_prompts=list(inputs.baseline_prompts))
     if syn.respond.enabled:
         ds = llm(ds, stages.RespondStage, syn.respond, template=syn.respond.prompt_template)
         if syn.respond.write_tests:

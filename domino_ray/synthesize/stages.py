@@ -148,13 +148,17 @@ class DraftStage(_LLMRole):
     role, output = "draft", "draft"
     columns = ("draft", "draft_tokens", "draft_finish_reason", "prompt_tokens")
 
-    def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", **kwargs: Any):
+    def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", baseline_prompts: Optional[list] = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.soft_prompt = soft_prompt
         self.baseline_prompt = baseline_prompt
+        self.baseline_prompts = list(baseline_prompts or [])  # per seed index: the few-shot baseline
 
     def prompt(self, row: dict) -> Optional[str]:
-        return None if self.soft_prompt else self.baseline_prompt
+        if self.soft_prompt:
+            return None
+        return self.baseline_prompts[int(row["seed_index"])] if self.baseline_prompts else self.baseline_prompt
 
     def take(self, row: dict, answer: dict) -> None:
         row["draft"] = answer.get("draft")

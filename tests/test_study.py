@@ -1,0 +1,124 @@
+"""The method study's parts: the held-out split, the held-out NLL (against a hand-written loop over the
+model's forward), few-shot prompts, the per-arm configs; and a reduced study end to end (slow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from domino_ray.config import config_from_dict
+from domino_ray.references import ReferenceError, load_references, read_reference_split, split_holdout
+from domino_ray.storage import Storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_refs(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+TEXTS = [f"def f{i}(x):\n    return x + {i}\n" for i in range(10)]
+
+
+# ------------------------------------------------------------------------------------ the split
+def test_holdout_takes_the_smallest_text_hashes_whatever_the_file_order(tmp_path):
+    by_hash = sorted(TEXTS, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    pairs = [(t, f"f:{i}") for i, t in enumerate(TEXTS)]
+    kept, held = split_holdout(pairs, 3)
+    assert sorted(t for t, _ in held) == sorted(by_hash[:3])
+    assert [t for t, _ in kept] == [t for t in TEXTS if t not in by_hash[:3]]  # input order kept
+    kept_r, held_r = split_holdout(pairs[::-1], 3)
+    assert sorted(held_r) == sorted(held) and sorted(kept_r) == sorted(kept)
+    assert split_holdout(pairs, 0) == (pairs, [])
+
+
+def test_learn_never_sees_the_held_out_references(tiny_model_dir, tmp_path):
+    from domino_ray.backbone import load_tokenizer
+
+    src = write_refs(tmp_path / "refs.jsonl", TEXTS + [TEXTS[0]])  # a duplicate is dropped before the split
+    cfg = config_from_dict({"references": {"source": src, "holdout": 4}}).references
+    train, held = read_reference_split(cfg, Storage())
+    assert len(train) == 6 and len(held) == 4 and not set(train) & set(held)
+    assert set(train) | set(held) == set(TEXTS)
+    refs = load_references(cfg, load_tokenizer(str(tiny_model_dir)), Storage())
+    assert refs.texts == train and refs.stats["held_out"] == 4
+
+
+def test_a_holdout_that_leaves_no_contrastive_batch_is_refused(tmp_path):
+    src = write_refs(tmp_path / "refs.jsonl", TEXTS[:5])
+    cfg = config_from_dict({"references": {"source": src, "holdout": 4}}).references
+    with pytest.raises(ReferenceError, match=r"references.holdout=4 leaves 1 of the 5"):
+        read_reference_split(cfg, Storage())
+
+
+# ------------------------------------------------------------------------------------ the NLL
+def hand_nll(model, context: list[int], target: list[int]) -> float:
+    """Mean NLL of `target` after `context`, one next-token prediction at a time (no batching, no
+    padding, no shifting: a forward over the prefix and log_softmax of its last position)."""
+    import torch
+
+    total = 0.0
+    seq = list(context)
+    with torch.no_grad():
+        for tok in target:
+            logits = model(input_ids=torch.tensor([seq])).logits[0, -1].double()
+            total -= float(torch.log_softmax(logits, dim=-1)[tok])
+            seq.append(tok)
+    return total / len(target)
+
+
+def test_heldout_nll_matches_a_hand_written_next_token_loop(tiny_model_dir):
+    from domino_ray.backbone import load_backbone
+    from domino_ray.evaluate.nll import encode_heldout, sample_nlls, summarize_nlls
+
+    model, tok = load_backbone(str(tiny_model_dir), device="cpu")
+    texts = ["def add(a, b):\n    return a + b\n", "x = 1", "for i in range(3):\n    print(i * i)\n" * 3]
+    context, targets = encode_heldout(texts, tok, max_tokens=40)
+    assert context == [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+    assert all(t[-1] == tok.eos_token_id for t in targets)
+    assert len(targets[2]) == 40  # cut to max_tokens with EOS kept last
+    assert targets[1] == tok("x = 1", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    expected = [hand_nll(model, context, t) for t in targets]
+    got = sample_nlls(model, context, targets, batch_size=2, pad_id=tok.pad_token_id)  # pads in each batch
+    assert [n for _, n in got] == [len(t) for t in targets]
+    for (s, n), e in zip(got, expected):
+        assert s / n == pytest.approx(e, rel=1e-4)
+    summary = summarize_nlls(got)
+    assert summary["nll"] == pytest.approx(sum(expected) / 3, rel=1e-4)
+    token_mean = sum(e * len(t) for e, t in zip(expected, targets)) / sum(len(t) for t in targets)
+    assert summary["token_nll"] == pytest.approx(token_mean, rel=1e-4)
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["nll"]))
+
+
+def test_heldout_nll_with_a_prefix_scores_only_the_text(tiny_model_dir):
+    from domino_ray.backbone import load_backbone
+    from domino_ray.evaluate.nll import encode_heldout, sample_nlls
+
+    model, tok = load_backbone(str(tiny_model_dir), device="cpu")
+    context, targets = encode_heldout(["return 0"], tok, max_tokens=64, prefix="# Python\n")
+    assert context == tok("# Python\n", add_special_tokens=False)["input_ids"]
+    (s, n), = sample_nlls(model, context, targets, batch_size=4, pad_id=tok.pad_token_id)
+    assert n == len(targets[0]) and s / n == pytest.approx(hand_nll(model, context, targets[0]), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------ few-shot
+def test_few_shot_prompts_are_seeded_per_draft_and_show_k_examples():
+    from domino_ray.synthesize.fewshot import few_shot_examples, few_shot_prompts
+
+    template = "Examples:\n{examples}\nNew one:"
+    prompts = few_shot_prompts(TEXTS, 3, template, run_seed=7, num_samples=6)
+    assert prompts == few_shot_prompts(TEXTS, 3, template, run_seed=7, num_samples=6)
+    assert prompts != few_shot_prompts(TEXTS, 3, template, run_seed=8, num_samples=6)
+    for s, p in enumerate(prompts):
+        shown = few_shot_examples(TEXTS, 3, 7, s)
+        assert len(set(shown)) == 3 and set(shown) <= set(TEXTS)
+        assert sum(t.strip() in p for t in TEXTS) == 3 and "### Example 3\n" in p and "### Example 4" not in p
+        assert p.startswith("Examples:\n### Example 1\n") and p.endswith("\nNew one:")
+    assert len(set(prompts)) > 1  # different drafts see different examples
+    assert len(few_shot_examples(TEXTS[:2], 5, 0, 0)) == 2
