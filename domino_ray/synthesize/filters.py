@@ -139,8 +139,11 @@ class NoveltyIndex:
         ref, count = min(hits.items(), key=lambda kv: (-kv[1], kv[0]))
         return count / len(grams), ref
 
-    def novel(self, text: Optional[str], max_overlap: float) -> bool:
-        return self.max_overlap(text)[0] <= max_overlap
+    def verdict(self, text: Optional[str], max_overlap: float) -> tuple[float, bool]:
+        """(overlap, novel): `text` is novel when at most `max_overlap` of its n-grams come from one
+        reference. The one home of the novelty rule; the filter stage calls it for every draft."""
+        overlap = self.max_overlap(text)[0]
+        return overlap, overlap <= max_overlap
 
 
 # ------------------------------------------------------------------------------------------- dedup

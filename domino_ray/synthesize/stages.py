@@ -333,9 +333,7 @@ class RowFilterStage:
         row["contaminated"] = self.decontam.contaminated(draft) if self.decontam and has_draft else None
         row["novel"] = row["novelty_overlap"] = None
         if self.novelty is not None and has_draft:
-            overlap, _ = self.novelty.max_overlap(draft)
-            row["novelty_overlap"] = overlap
-            row["novel"] = overlap <= self.cfg["novelty_max_overlap"]
+            row["novelty_overlap"], row["novel"] = self.novelty.verdict(draft, self.cfg["novelty_max_overlap"])
         row["dedup_key"] = row["minhash"] = None
         if self.cfg["dedup"] and has_draft:
             row["dedup_key"] = filters.exact_key(draft)

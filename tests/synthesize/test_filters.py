@@ -161,13 +161,13 @@ def test_novelty_measures_overlap_with_one_reference():
     index = filters.build_novelty_index(refs, n=4)
     overlap, ref = index.max_overlap(FIB)
     assert overlap == 1.0 and ref == 0
-    assert not index.novel(FIB, 0.5)
+    assert index.verdict(FIB, 0.5) == (1.0, False)
     half = FIB.split("\n")
     mixed = "\n".join(half[:2] + ["    x, y = 9, 8", "    while x:", "        x -= y * 2 + 7", "    return x * y"])
     assert 0.0 < index.max_overlap(mixed)[0] < 1.0
     fresh = "class Stack:\n    def push(self, item):\n        self.items.append(item)\n"
     assert index.max_overlap(fresh) == (0.0, None)
-    assert index.novel(fresh, 0.5)
+    assert index.verdict(fresh, 0.5) == (0.0, True)
     assert index.max_overlap("too short") == (0.0, None)
 
 
