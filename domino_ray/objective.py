@@ -37,14 +37,17 @@ Pure torch: no Ray import (STYLE.md 1).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from domino_ray.schema import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ObjectiveSpec",
@@ -52,7 +55,12 @@ __all__ = [
     "LossOutput",
     "pad_texts",
     "make_batches",
+    "batch_sizes",
     "init_soft_tokens",
+    "UnsupportedCacheError",
+    "fast_path_problem",
+    "loss_function",
+    "resolve_chunk_rows",
     "contrastive_loss",
     "l2_paper",
     "l2_infonce",
@@ -75,12 +83,14 @@ class ObjectiveSpec:
     tau: float = 1.0
     contrastive: Contrastive = "paper"
     normalize: Normalize = "sample"
-    chunk_rows: int = 0  # rows of M per text forward; 0 = all B^2 at once
+    chunk_rows: Union[int, str] = 0  # rows of M per text forward; 0 = all B^2 at once; "auto" = from memory
+    memory_budget_gb: Optional[float] = None  # chunk_rows auto: bytes for M's activations (None = measured free)
 
     @classmethod
     def from_config(cls, learn_cfg: Any) -> "ObjectiveSpec":
         return cls(lambda_=learn_cfg.lambda_, tau=learn_cfg.tau, contrastive=learn_cfg.contrastive,
-                   normalize=learn_cfg.normalize, chunk_rows=learn_cfg.chunk_rows)
+                   normalize=learn_cfg.normalize, chunk_rows=learn_cfg.chunk_rows,
+                   memory_budget_gb=getattr(learn_cfg, "memory_budget_gb", None))
 
 
 @dataclass
@@ -115,15 +125,8 @@ def pad_texts(token_ids: Sequence[Sequence[int]], pad_id: int, device: Any = Non
     return TextBatch(tokens.to(device), targets.to(device))
 
 
-def make_batches(indices: Sequence[int], batch_size: int, seed: int,
-                 num_batches: Optional[int] = None) -> list[list[int]]:
-    """Shuffle `indices` (seeded) and split them into batches of at least 2 (DESIGN section 1).
-
-    No sample is dropped: the remainder is spread over the batches, so a batch may hold up to a few
-    more than `batch_size`. `num_batches` fixes the count (distributed workers must all run the same
-    number of steps); by default it is ceil(n / batch_size), capped so that every batch has >= 2.
-    """
-    n = len(indices)
+def batch_sizes(n: int, batch_size: int, num_batches: Optional[int] = None) -> list[int]:
+    """Sizes of the batches `make_batches` cuts `n` samples into (each >= 2, differing by <= 1)."""
     if batch_size < 2:
         raise ValueError(f"learn.batch_size is {batch_size}; it must be >= 2 (the contrastive loss needs a negative)")
     if n < 2:
@@ -132,28 +135,74 @@ def make_batches(indices: Sequence[int], batch_size: int, seed: int,
         num_batches = min(math.ceil(n / batch_size), n // 2)
     if not 1 <= num_batches <= n // 2:
         raise ValueError(f"cannot split {n} samples into {num_batches} batches of >= 2")
+    bounds = [round(b * n / num_batches) for b in range(num_batches + 1)]
+    return [bounds[b + 1] - bounds[b] for b in range(num_batches)]
+
+
+def make_batches(indices: Sequence[int], batch_size: int, seed: int,
+                 num_batches: Optional[int] = None, sizes: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """Shuffle `indices` (seeded) and split them into batches of at least 2 (DESIGN section 1).
+
+    By default no sample is dropped: the remainder is spread over the batches, so a batch may hold up
+    to a few more than `batch_size`. `num_batches` fixes the count. `sizes` fixes every batch's size
+    (distributed workers pass the sizes of the smallest shard, so that all workers run the same number
+    of steps with equal batch sizes): the first sum(sizes) samples of the shuffled order are used and
+    the rest sit this epoch out (a new shuffle every epoch rotates them).
+    """
+    n = len(indices)
+    if sizes is None:
+        sizes = batch_sizes(n, batch_size, num_batches)
+    sizes = [int(k) for k in sizes]
+    if min(sizes) < 2 or sum(sizes) > n:
+        raise ValueError(f"cannot cut {n} samples into batches of sizes {sizes} (each >= 2)")
     gen = torch.Generator().manual_seed(seed)
     order = [indices[k] for k in torch.randperm(n, generator=gen).tolist()]
-    bounds = [round(b * n / num_batches) for b in range(num_batches + 1)]
-    return [order[bounds[b]: bounds[b + 1]] for b in range(num_batches)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(order[start: start + size])
+        start += size
+    return out
 
 
-def init_soft_tokens(embedding_weight: torch.Tensor, shape: Sequence[int], method: str, seed: int) -> torch.Tensor:
+def init_soft_tokens(embedding: Any, shape: Sequence[int], method: str, seed: int,
+                     num_tokens: Optional[int] = None) -> torch.Tensor:
     """Initial soft tokens of shape `(*shape, H)`, fp32 on CPU.
 
+    `embedding` is the model's input-embedding module (`model.get_input_embeddings()`: some models
+    scale inside it, Gemma by sqrt(H), and soft tokens must start on the scale the model sees), or a
+    raw (V, H) weight table. `num_tokens` limits the draw to the real token ids `[0, num_tokens)`
+    (`len(tokenizer)`): embedding tables are often padded with untrained rows (Qwen2.5: 152,064 rows
+    for 151,665 tokens).
+
     `vocab`: embeddings of random vocabulary tokens (on the embedding manifold, DESIGN section 1).
-    `normal`: N(0, std of the embedding table) - not N(0, 1), which is far off the scale of real
+    `normal`: N(0, std of the real token embeddings) - not N(0, 1), which is far off the scale of real
     token embeddings (a pitfall of the released code).
     """
-    weight = embedding_weight.detach().float().cpu()
-    vocab, hidden = weight.shape
+    if isinstance(embedding, torch.Tensor):
+        weight = embedding.detach()
+        rows, hidden = weight.shape
+
+        def lookup(ids: torch.Tensor) -> torch.Tensor:
+            return weight[ids.to(weight.device)].float().cpu()
+    else:
+        weight = embedding.weight
+        rows, hidden = weight.shape
+
+        def lookup(ids: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return embedding(ids.to(weight.device)).float().cpu()
+    vocab = rows if num_tokens is None else min(int(num_tokens), rows)
+    if vocab < 1:
+        raise ValueError(f"init_soft_tokens: no token ids to draw from (num_tokens={num_tokens}, table rows={rows})")
     count = math.prod(shape)
     gen = torch.Generator().manual_seed(seed)
     if method == "vocab":
         ids = torch.randint(0, vocab, (count,), generator=gen)
-        out = weight[ids].clone()
+        out = lookup(ids).clone()
     elif method == "normal":
-        out = torch.randn(count, hidden, generator=gen) * weight.std()
+        sample = torch.randperm(vocab, generator=gen)[: min(vocab, 65536)]
+        std = lookup(sample).std()
+        out = torch.randn(count, hidden, generator=gen) * std
     else:
         raise ValueError(f"learn.init is {method!r}; use 'vocab' or 'normal'")
     return out.view(*shape, hidden)
@@ -256,9 +305,66 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return tok.view(targets.shape).sum(dim=1)
 
 
-def _parts(model):
-    """(decoder without head, lm head, token embedding) of a HF causal LM."""
-    return model.base_model, model.get_output_embeddings(), model.get_input_embeddings()
+def _embed_ids(embed, ids: Sequence[int], device: Any, dtype: Any) -> torch.Tensor:
+    """(len, H) embeddings of token ids through the model's input-embedding module (its scaling included)."""
+    return embed(torch.as_tensor(list(ids), dtype=torch.long, device=device)).to(dtype)
+
+
+# ------------------------------------------------------------ which models the fast path serves
+class UnsupportedCacheError(ValueError):
+    """The model's cache cannot be computed once and shared across rows (recurrent or linear-attention
+    state, a cache the model crops); `loss_function` falls back to the exact full-sequence formulation."""
+
+
+# Attention layers whose keys/values are per position, so a context's cache can be copied to many rows.
+_SHAREABLE_LAYERS = {"full_attention", "sliding_attention"}
+# Architectures with recurrent state and no `layer_types` saying so.
+_STATEFUL_MODELS = {"mamba", "mamba2", "rwkv", "jamba", "zamba", "zamba2", "falcon_h1", "falcon_mamba", "bamba",
+                    "granitemoehybrid", "lfm2", "nemotron_h", "xlstm", "recurrent_gemma", "minimax"}
+
+
+def _text_config(model) -> Any:
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def fast_path_problem(model) -> Optional[str]:
+    """Why `domino_loss` cannot run on `model` (None when it can)."""
+    cfg = _text_config(model)
+    kind = getattr(cfg, "model_type", type(model).__name__)
+    other = sorted(set(getattr(cfg, "layer_types", None) or ()) - _SHAREABLE_LAYERS)
+    if other:
+        return (f"{kind} has {other} layers, whose cache (recurrent / linear-attention state) cannot be computed "
+                f"once and shared across the rows of M")
+    if kind in _STATEFUL_MODELS:
+        return f"{kind} keeps a recurrent state, which cannot be shared across the rows of M"
+    return None
+
+
+def loss_function(model):
+    """`domino_loss`, or the exact `domino_loss_straightforward` (with a warning) when the model's cache
+    cannot be shared (`fast_path_problem`). `learn` trains with what this returns."""
+    problem = fast_path_problem(model)
+    if problem is None:
+        return domino_loss
+    log.warning("objective: %s; using the exact full-sequence formulation instead (domino_loss_straightforward: "
+                "B + 2 forwards of full rows, slower and more memory)", problem)
+    return domino_loss_straightforward
+
+
+def _shared_kv(cache, rows: int, length: int, model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of the context forward, checked to hold every context position."""
+    kv = []
+    for i, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != rows or keys.shape[2] != length:
+            got = None if not isinstance(keys, torch.Tensor) else tuple(keys.shape)
+            raise UnsupportedCacheError(
+                f"{_text_config(model).model_type}: cache layer {i} ({type(layer).__name__}) holds keys of shape "
+                f"{got}, not ({rows}, heads, {length}, head_dim); the fast path needs every context position "
+                f"(use objective.loss_function, which falls back to the exact full-sequence formulation)")
+        kv.append((keys, values))
+    return kv
 
 
 # ---------------------------------------------------------------------- efficient (KV cache)
@@ -283,24 +389,93 @@ def _context_rows(D: torch.Tensor, S: Optional[torch.Tensor], prefix_emb: torch.
     return torch.cat([rows, extra], dim=0), B, P + Lp, P + Q + Lp
 
 
-def _continue_rows(base, lm_head, kv, ctx_index: torch.Tensor, ctx_len: int, text_emb: torch.Tensor,
+def _continue_rows(model, kv, ctx_index: torch.Tensor, ctx_len: int, text_emb: torch.Tensor,
                    txt_index: torch.Tensor, text_targets: torch.Tensor) -> torch.Tensor:
     """Run text rows against cached contexts: row r = text txt_index[r] after context ctx_index[r].
 
-    kv: per layer (keys, values), each (R_ctx, heads, Lc, head_dim). Returns (R,) summed NLL.
+    kv: per layer (keys, values), each (R_ctx, heads, Lc, head_dim). Returns (R,) summed NLL. The cache
+    is built without the model config, so every layer is a full one: a sliding-window layer's cache is
+    never cropped, and the model's own mask still applies the window (exact against full sequences).
+    Logits come from the model's own forward (Cohere's logit_scale, Granite's logits_scaling,
+    Gemma-2's final soft-cap included).
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(
-        ddp_cache_data=[(k[ctx_index, :, :ctx_len], v[ctx_index, :, :ctx_len]) for k, v in kv],
-        config=base.config,
-    )
+    cache = DynamicCache(ddp_cache_data=[(k[ctx_index, :, :ctx_len], v[ctx_index, :, :ctx_len]) for k, v in kv])
     # position ids default to ctx_len + arange: the same positions as the full-sequence layout
-    hidden = base(inputs_embeds=text_emb[txt_index], past_key_values=cache, use_cache=True).last_hidden_state
-    return _token_nll(lm_head(hidden), text_targets[txt_index])
+    logits = model(inputs_embeds=text_emb[txt_index], past_key_values=cache, use_cache=True).logits
+    return _token_nll(logits, text_targets[txt_index])
 
 
-def _m_text_sums(base, lm_head, kv, m_len: int, text_emb, text_targets, B: int, chunk_rows: int) -> torch.Tensor:
+_ROW_COST: dict[tuple, float] = {}  # (model id, dtype, autocast) -> measured saved-activation bytes per text token
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves while `fn` runs (each storage counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _memory_budget(spec: ObjectiveSpec, device: torch.device) -> float:
+    if spec.memory_budget_gb is not None:
+        return spec.memory_budget_gb * 1024**3
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.5 * free  # the backward of a chunk needs about as much again
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except ImportError:
+        import os
+
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 0.4 * available
+
+
+def resolve_chunk_rows(model, kv, m_len: int, text_emb: torch.Tensor, text_targets: torch.Tensor, B: int,
+                       spec: ObjectiveSpec) -> int:
+    """Rows of M per chunk: `spec.chunk_rows` itself, or for "auto" as many rows as the memory budget
+    holds (0 = all B^2 rows at once, no checkpointing).
+
+    The per-row cost is measured once per model: the bytes autograd saves for one text row (a short
+    probe against this step's cache, its logits and log-softmax included), scaled to the batch's text
+    length, plus the row's copy of the context cache (indexed and then extended by the text).
+    """
+    if spec.chunk_rows != "auto":
+        if not isinstance(spec.chunk_rows, int) or spec.chunk_rows < 0:
+            raise ValueError(f"learn.chunk_rows is {spec.chunk_rows!r}; use an integer >= 0 or 'auto'")
+        return spec.chunk_rows
+    if not torch.is_grad_enabled():
+        return 0
+    device = text_emb.device
+    key = (id(model), str(text_emb.dtype), torch.is_autocast_enabled(device.type))
+    if key not in _ROW_COST:
+        probe = min(text_emb.shape[1], 32)
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        cost = _saved_bytes(lambda: _continue_rows(model, kv, zero, m_len, text_emb[:, :probe], zero,
+                                                   text_targets[:, :probe]).sum())
+        _ROW_COST[key] = cost / probe
+    kv_row = sum(2 * k[0].numel() * k.element_size() for k, _ in kv) * 2  # keys + values, copied twice
+    row_cost = _ROW_COST[key] * text_emb.shape[1] + kv_row
+    rows = int(_memory_budget(spec, device) // max(row_cost, 1.0))
+    chosen = 0 if rows >= B * B else max(1, rows)
+    log.debug("objective: chunk_rows auto = %d (%.1f MB per row of M, B^2 = %d)", chosen, row_cost / 1e6, B * B)
+    return chosen
+
+
+def _m_text_sums(model, kv, m_len: int, text_emb, text_targets, B: int, spec: ObjectiveSpec) -> torch.Tensor:
     """(B, B) summed NLL of texts j after contexts [D;S_i;prefix], without their first token.
 
     With chunk_rows > 0 the B^2 rows run in chunks under activation checkpointing: memory holds one
@@ -308,15 +483,16 @@ def _m_text_sums(base, lm_head, kv, m_len: int, text_emb, text_targets, B: int, 
     """
     rows = torch.arange(B * B, device=text_emb.device)
     ctx_index, txt_index = rows // B, rows % B  # row r = (i, j), i-major
+    chunk_rows = resolve_chunk_rows(model, kv, m_len, text_emb, text_targets, B, spec)
     size = chunk_rows if chunk_rows > 0 else B * B
     if size >= B * B:
-        return _continue_rows(base, lm_head, kv, ctx_index, m_len, text_emb, txt_index, text_targets).view(B, B)
+        return _continue_rows(model, kv, ctx_index, m_len, text_emb, txt_index, text_targets).view(B, B)
 
     flat = [t for pair in kv for t in pair]
 
     def run(ci, ti, *flat_kv):
         pairs = list(zip(flat_kv[0::2], flat_kv[1::2]))
-        return _continue_rows(base, lm_head, pairs, ci, m_len, text_emb, ti, text_targets)
+        return _continue_rows(model, pairs, ci, m_len, text_emb, ti, text_targets)
 
     sums = []
     for start in range(0, B * B, size):
@@ -330,25 +506,40 @@ def _m_text_sums(base, lm_head, kv, m_len: int, text_emb, text_targets, B: int, 
 
 
 def domino_loss(model, D: torch.Tensor, S: Optional[torch.Tensor], texts: TextBatch,
-                prefix_ids: Sequence[int] = (), spec: ObjectiveSpec = ObjectiveSpec()) -> LossOutput:
+                prefix_ids: Sequence[int] = (), spec: ObjectiveSpec = ObjectiveSpec(),
+                lead_ids: Sequence[int] = ()) -> LossOutput:
     """L = L1 + lambda * L2 with shared soft prefixes computed once per step (module docstring).
 
     model: frozen HF causal LM; D: (P, H) fp32; S: (B, Q, H) fp32, the batch's sample tokens (may be
-    None when lambda = 0); texts: B >= 2 padded texts; prefix_ids: tokens of references.prefix.
+    None when lambda = 0); texts: B >= 2 padded texts; prefix_ids: tokens of references.prefix;
+    lead_ids: tokens placed before the soft tokens (the BOS option: `[BOS ; D ; S_i ; prefix ; X]`).
+    Raises UnsupportedCacheError for models whose cache cannot be shared (see `loss_function`).
     """
     _check_inputs(D, S, texts, spec)
-    base, lm_head, embed = _parts(model)
+    problem = fast_path_problem(model)
+    if problem is not None:
+        raise UnsupportedCacheError(
+            f"{problem}: objective.domino_loss (shared soft-prefix KV cache) cannot run on it. Use "
+            f"objective.loss_function(model), which falls back to the exact domino_loss_straightforward "
+            f"(learn does so itself)")
+    from transformers import DynamicCache
+
+    embed = model.get_input_embeddings()
     dtype = embed.weight.dtype
     device = embed.weight.device
     texts = texts.to(device)
     B, L = texts.tokens.shape
     with_m = spec.lambda_ > 0
 
-    prefix_emb = embed(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=device)).to(dtype)  # (Lp, H)
-    ctx, l1_row, l1_len, m_len = _context_rows(D.to(dtype), S.to(dtype) if with_m else None, prefix_emb, with_m)
-    out = base(inputs_embeds=ctx, use_cache=True)  # the B (+1) context rows: (R, Lc, H)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # each (R, heads, Lc, hd)
-    hidden = out.last_hidden_state
+    soft_d = torch.cat([_embed_ids(embed, lead_ids, device, dtype), D.to(dtype)], dim=0)  # ([BOS ;] D)
+    prefix_emb = _embed_ids(embed, prefix_ids, device, dtype)  # (Lp, H)
+    ctx, l1_row, l1_len, m_len = _context_rows(soft_d, S.to(dtype) if with_m else None, prefix_emb, with_m)
+    positions = sorted({l1_len - 1} | ({m_len - 1} if with_m else set()))
+    # The B (+1) context rows, into a cache without the config: no layer crops it to a sliding window.
+    out = model(inputs_embeds=ctx, past_key_values=DynamicCache(), use_cache=True,
+                logits_to_keep=torch.tensor(positions, device=device))
+    kv = _shared_kv(out.past_key_values, ctx.shape[0], ctx.shape[1], model)  # each (R, heads, Lc, hd)
+    ctx_logits = out.logits  # (R, len(positions), V), through the model's own logit post-processing
 
     first = texts.targets[:, 0]  # (B,) first text token, predicted by the last context position
     denom = normalizers(texts, spec.normalize)  # (B,)
@@ -356,21 +547,21 @@ def domino_loss(model, D: torch.Tensor, S: Optional[torch.Tensor], texts: TextBa
     text_targets = texts.targets[:, 1:]  # (B, L-1)
 
     # L1: texts after [D ; prefix]
-    logp_l1 = torch.log_softmax(lm_head(hidden[l1_row, l1_len - 1]).float(), dim=-1)  # (V,)
+    logp_l1 = torch.log_softmax(ctx_logits[l1_row, positions.index(l1_len - 1)].float(), dim=-1)  # (V,)
     sums_l1 = -logp_l1[first]  # (B,)
     if L > 1:
         zeros = torch.full((B,), l1_row, dtype=torch.long, device=device)
-        sums_l1 = sums_l1 + _continue_rows(base, lm_head, kv, zeros, l1_len, text_emb,
+        sums_l1 = sums_l1 + _continue_rows(model, kv, zeros, l1_len, text_emb,
                                            torch.arange(B, device=device), text_targets)
     l1 = (sums_l1 / denom).mean()
     if not with_m:
         return _combine(l1, None, spec)
 
     # M[i, j]: text j after [D ; S_i ; prefix]
-    logp_m = torch.log_softmax(lm_head(hidden[:B, m_len - 1]).float(), dim=-1)  # (B, V)
+    logp_m = torch.log_softmax(ctx_logits[:B, positions.index(m_len - 1)].float(), dim=-1)  # (B, V)
     sums_m = -logp_m[:, first]  # (B, B)
     if L > 1:
-        sums_m = sums_m + _m_text_sums(base, lm_head, kv, m_len, text_emb, text_targets, B, spec.chunk_rows)
+        sums_m = sums_m + _m_text_sums(model, kv, m_len, text_emb, text_targets, B, spec)
     M = sums_m / denom.unsqueeze(0)  # (B, B), column j divided by text j's normaliser
     return _combine(l1, M, spec)
 
@@ -393,7 +584,8 @@ def _full_rows_nll(model, soft: torch.Tensor, prefix_emb: torch.Tensor, texts: T
 
 
 def domino_loss_straightforward(model, D: torch.Tensor, S: Optional[torch.Tensor], texts: TextBatch,
-                                prefix_ids: Sequence[int] = (), spec: ObjectiveSpec = ObjectiveSpec()) -> LossOutput:
+                                prefix_ids: Sequence[int] = (), spec: ObjectiveSpec = ObjectiveSpec(),
+                                lead_ids: Sequence[int] = ()) -> LossOutput:
     """The same loss, computed the released code's way (reference for tests and the benchmark):
     forward 1 `[D;X_i]` -> L1, forward 2 `[D;S_i;X_i]` -> positives, forwards 3..B+2 `[D;S_i;X_j]`
     for all j -> row i of M (its diagonal recomputed and replaced by forward 2's positives)."""
@@ -402,10 +594,10 @@ def domino_loss_straightforward(model, D: torch.Tensor, S: Optional[torch.Tensor
     dtype, device = embed.weight.dtype, embed.weight.device
     texts = texts.to(device)
     B = texts.size
-    P, H = D.shape
-    prefix_emb = embed(torch.as_tensor(list(prefix_ids), dtype=torch.long, device=device)).to(dtype)
+    prefix_emb = _embed_ids(embed, prefix_ids, device, dtype)
     denom = normalizers(texts, spec.normalize)
-    D_rows = D.to(dtype).expand(B, P, H)
+    soft_d = torch.cat([_embed_ids(embed, lead_ids, device, dtype), D.to(dtype)], dim=0)  # ([BOS ;] D)
+    D_rows = soft_d.expand(B, *soft_d.shape)
 
     l1 = (_full_rows_nll(model, D_rows, prefix_emb, texts) / denom).mean()
     if spec.lambda_ <= 0:
