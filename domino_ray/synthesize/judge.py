@@ -139,6 +139,8 @@ def parse_judge_score(text: Any, scale_max: float = 10.0) -> JudgeVerdict:
 
 def judge_verdict(score: Optional[float], threshold: float) -> str:
     """`pass`, `below_threshold` or `unparsed` (the verdict counted in metrics and the manifest)."""
+    from domino_ray.synthesize.verdicts import passes_threshold
+
     if score is None:
         return "unparsed"
-    return "pass" if score >= threshold else "below_threshold"
+    return "pass" if passes_threshold(score, threshold) else "below_threshold"

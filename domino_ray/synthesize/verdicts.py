@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 from domino_ray.schema import EXEC_FAILURES, REJECT_REASONS, STAGES
 
-__all__ = ["RejectRules", "CHECKS", "first_failure", "eligible_for_dedup", "Tally"]
+__all__ = ["RejectRules", "CHECKS", "first_failure", "eligible_for_dedup", "Tally", "passes_threshold"]
 
 Row = Mapping[str, Any]
 
@@ -35,6 +35,11 @@ class RejectRules:
                    judge=synth.judge.enabled, threshold=synth.judge.threshold)
 
 
+def passes_threshold(score: float, threshold: float) -> bool:
+    """The judge's acceptance rule, the only copy: a grade equal to the threshold passes."""
+    return score >= threshold
+
+
 def _blank(text: Any) -> bool:
     return not isinstance(text, str) or not text.strip()
 
@@ -46,7 +51,7 @@ CHECKS: tuple[tuple[str, str, Callable[[Row, RejectRules], bool]], ...] = (
     ("empty_response", "respond", lambda r, k: k.respond and _blank(r.get("response"))),
     ("judge_unparsed", "judge", lambda r, k: k.judge and r.get("judge_score") is None),
     ("judge_below_threshold", "judge", lambda r, k: k.judge and r.get("judge_score") is not None
-                                                    and r["judge_score"] < k.threshold),
+                                                    and not passes_threshold(r["judge_score"], k.threshold)),
     ("exec_failed", "execute", lambda r, k: r.get("exec_status") in EXEC_FAILURES),
     ("syntax_error", "filter", lambda r, k: r.get("syntax_ok") is False),
     ("duplicate", "filter", lambda r, k: r.get("duplicate_of") is not None),
@@ -94,7 +99,7 @@ def _stage_verdicts(row: Row, rules: RejectRules) -> Iterable[tuple[str, str]]:
         elif row.get("judge_score") is None:
             yield "judge", "unparsed"
         else:
-            yield "judge", "pass" if row["judge_score"] >= rules.threshold else "below_threshold"
+            yield "judge", "pass" if passes_threshold(row["judge_score"], rules.threshold) else "below_threshold"
     if row.get("exec_status") is not None:
         yield "execute", row["exec_status"]
     if row.get("syntax_ok") is not None:

@@ -91,3 +91,18 @@ def test_tally_counts_reasons_stages_and_tokens():
     assert out["stages"]["draft"] == {"empty": 1, "ok": 2}
     assert out["tokens"]["draft"] == {"in": 8, "out": 10} and out["tokens"]["respond"] == {"in": 20, "out": 5}
     assert out["tokens_in"] == 28 and out["tokens_out"] == 15
+
+
+@pytest.mark.parametrize("score, accepted", [(5.0, True), (4.999, False), (5.001, True)])
+def test_threshold_is_inclusive_wherever_the_pipeline_applies_it(score, accepted):
+    """A grade equal to the threshold passes: in the streaming check, the final pass, the manifest's
+    stage verdicts and the judge stage's metric verdict (one rule, verdicts.passes_threshold)."""
+    from domino_ray.synthesize.judge import judge_verdict
+
+    row = good_row(judge_score=score)
+    assert (first_failure(row, RULES, upto="judge") is None) is accepted
+    assert first_failure(row, RULES) == (None if accepted else "judge_below_threshold")
+    tally = Tally()
+    tally.add(dict(row, accepted=accepted, reject_reason=None if accepted else "judge_below_threshold"), RULES)
+    assert tally.as_dict()["stages"]["judge"] == {"pass" if accepted else "below_threshold": 1}
+    assert judge_verdict(score, RULES.threshold) == ("pass" if accepted else "below_threshold")
