@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from domino_ray import objective
 from domino_ray.objective import (
     ObjectiveSpec,
     contrastive_loss,
@@ -275,3 +276,71 @@ def test_metrics_report_the_diagonal_and_off_diagonal(lm, soft):
     assert m["m_diag"] == pytest.approx(out.M.diagonal().mean().item())
     assert m["m_offdiag"] == pytest.approx(off.mean().item())
     assert m["loss"] == pytest.approx(m["l1"] + m["l2"], abs=1e-5)
+
+
+# ------------------------------------------------- the total, by hand (lambda != 1)
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_total_is_l1_plus_lambda_times_l2_against_a_hand_loop(lm, soft, variant):
+    """L = L1 + lambda * L2 with L1 and every M[i, j] from Hugging Face's own loss, one sample at a time,
+    and L2 from the formula written out: nothing shared with the code under test but the model."""
+    model, tok = lm
+    D, S = soft
+    ids = _texts(tok, SNIPPETS)
+    lam, tau = 0.3, 0.7
+    with torch.no_grad():
+        l1 = sum(_hf_loss(model, D[None], [x]).item() for x in ids) / len(ids)
+        M = [[_hf_loss(model, torch.cat([D, S[i]])[None], [ids[j]]).item() for j in range(len(ids))]
+             for i in range(len(ids))]
+    expected = l1 + lam * _by_hand(M, tau, variant)
+    spec = ObjectiveSpec(lambda_=lam, tau=tau, contrastive=variant)
+    batch = pad_texts(ids, tok.pad_token_id)
+    for fn in (domino_loss, domino_loss_straightforward):
+        out = fn(model, D, S, batch, (), spec)
+        assert out.l1.item() == pytest.approx(l1, abs=1e-5)
+        torch.testing.assert_close(out.M, torch.tensor(M), atol=1e-5, rtol=1e-6)
+        assert out.loss.item() == pytest.approx(expected, abs=1e-5), fn.__name__
+
+
+# ------------------------------------------------------------------ chunk_rows: auto
+def _forward_count(model, fn):
+    calls = []
+    hook = model.base_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = fn()
+    finally:
+        hook.remove()
+    return out, len(calls)
+
+
+@pytest.mark.parametrize("budget_gb, m_forwards", [(1e-9, 9), (1e3, 1)], ids=["tight", "ample"])
+def test_chunk_rows_auto_follows_the_memory_budget_and_changes_no_result(lm, soft, budget_gb, m_forwards):
+    model, tok = lm
+    D, S = soft
+    batch = pad_texts(_texts(tok, SNIPPETS), tok.pad_token_id)
+    whole = domino_loss(model, D, S, batch, spec=ObjectiveSpec(chunk_rows=0))
+    objective._ROW_COST.clear()  # the per-row cost is measured once per model: make this test measure it
+    auto, calls = _forward_count(model, lambda: domino_loss(
+        model, D, S, batch, spec=ObjectiveSpec(chunk_rows="auto", memory_budget_gb=budget_gb)))
+    assert calls == 2 + 1 + m_forwards  # context, L1 texts, the cost probe, the M rows in chunks
+    torch.testing.assert_close(auto.M, whole.M, atol=1e-6, rtol=1e-6)
+    for a, b in zip(_grads(auto, D, S), _grads(whole, D, S)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_chunk_rows_auto_measures_a_per_row_cost_that_grows_with_the_text(lm, soft):
+    from domino_ray.objective import resolve_chunk_rows
+
+    model, tok = lm
+    D, S = soft
+    B = len(SNIPPETS)
+    emb = model.get_input_embeddings()
+    kv_ctx = model(inputs_embeds=torch.cat([D.expand(B, *D.shape), S], dim=1), use_cache=True).past_key_values
+    kv = [(layer.keys, layer.values) for layer in kv_ctx.layers]
+    ids = torch.randint(5, 200, (B, 65))
+    budget = 50e6 / 1024**3  # 50 MB
+    spec = ObjectiveSpec(chunk_rows="auto", memory_budget_gb=budget)
+    short = resolve_chunk_rows(model, kv, P + Q, emb(ids[:, :16]), ids[:, 1:17], B, spec)
+    long = resolve_chunk_rows(model, kv, P + Q, emb(ids[:, :64]), ids[:, 1:65], B, spec)
+    assert 1 <= long < short or (short == 0 and long >= 1)  # longer texts: fewer rows per chunk
+    with pytest.raises(ValueError, match="chunk_rows"):
+        resolve_chunk_rows(model, kv, P + Q, emb(ids[:, :16]), ids[:, 1:17], B, ObjectiveSpec(chunk_rows="big"))
