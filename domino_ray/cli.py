@@ -110,6 +110,29 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import time
+
+    from domino_ray.config import load_config
+    from domino_ray.serve.app import resolve_config, run_service
+
+    cfg = load_config(args.config, output=args.output) if args.config else resolve_config(None, args.run)
+    runs = list(args.run) or ([] if cfg.serve.domains and not args.output else [cfg.run.output])
+    url = run_service(cfg, runs, host=args.host, port=args.port)
+    print(f"serving at {url}  (GET {url}/v1/domains, POST {url}/v1/domains/NAME/samples, POST {url}/v1/completions)",
+          flush=True)
+    if args.detach:
+        return 0
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def _add_job(sub, name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", required=True, help="YAML config file (see `domino config --example`)")
@@ -149,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, help="LoRA adapter directory to apply")
     p.add_argument("--name", default=None, help="result name under <run>/eval/ (default: derived from the model)")
     _add_job(sub, "run", cmd_run, "learn -> synthesize -> finetune -> evaluate -> report")
+
+    p = sub.add_parser("serve", help="serve samples of learned domains over HTTP with Ray Serve",
+                       description="serve samples of learned domains over HTTP with Ray Serve (docs/serve.md)")
+    p.add_argument("--run", action="append", default=[], metavar="RUN",
+                   help="run root (or NAME=RUN) whose representation to serve; repeat for more domains "
+                        "(default: the config's run.output)")
+    p.add_argument("--config", default=None, help="YAML config (engines, sampling, serve section); default: the "
+                                                  "config stored in the first run's manifest")
+    p.add_argument("--output", default=None, help="run root URI; overrides run.output (served when no --run)")
+    p.add_argument("--host", default=None, help="HTTP bind address (default serve.host)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port; 0 = a free port)")
+    p.add_argument("--detach", action="store_true", help="deploy and return; the application keeps running on the "
+                                                        "cluster (`serve shutdown` stops it)")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("export", help="write accepted records for SFT tools")
     p.add_argument("--run", required=True, help="run root URI")

@@ -336,6 +336,37 @@ class StudyConfig(_Section):
     lambda_domino: float = Field(1.0, ge=0, description="lambda of the domino arm (l1-only is always 0).")
 
 
+# ------------------------------------------------------------------------------------------- serve
+class ServeReplicasConfig(_Section):
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound; engines take tens of seconds (minutes for 7B) to start, so keep warm ones.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests in flight per replica the autoscaler aims for; an async vLLM engine batches them continuously, so higher = fuller batches, longer latency.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once; the rest queue at the caller.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica (fractional on small CPU clusters, like the actor pools).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on GPU clusters).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ServeReplicasConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
+
+
+class ServeConfig(_Section):
+    host: str = Field("0.0.0.0", description="HTTP bind address of the Serve proxy (`domino serve`; `serve deploy` files set their own).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy; 0 = a free port, printed at start.")
+    app_name: str = Field("domino", description="Serve application name.")
+    domains: dict[str, str] = Field(default_factory=dict, description="Extra domains: name -> run root (or representation folder) URI, beside the --run flags (which take the run's name).")
+    max_samples: int = Field(256, ge=1, description="Largest n one request may ask for; larger requests get a 422 naming n.")
+    stream_min_samples: int = Field(64, ge=1, description="Requests with n at or above this are streamed as NDJSON unless they say stream: false; smaller ones get one JSON body.")
+    chunk_size: int = Field(8, ge=1, description="Samples per call from the ingress to a draft replica: larger chunks cost fewer calls, smaller ones stream sooner.")
+    max_domains_per_replica: int = Field(4, ge=1, description="LRU size of loaded domains (D tensors, P x H each) per draft replica (Serve model multiplexing).")
+    respond: bool = Field(False, description="Deploy the respond replica (synthesize.respond.engine, an instruct model) so requests may ask for stage respond.")
+    draft: ServeReplicasConfig = Field(default_factory=ServeReplicasConfig, description="Draft replicas: each owns an async engine with prompt embeddings (synthesize.draft.engine).")
+    respond_replicas: ServeReplicasConfig = Field(default_factory=ServeReplicasConfig, description="Respond replicas (plain-text engine).")
+    ingress_num_cpus: float = Field(0.1, gt=0, description="CPUs of the HTTP ingress replica (parsing, records, dedup; no model).")
+
+
 # -------------------------------------------------------------------------------------------- root
 class DominoConfig(_Section):
     preset: Optional[Literal["tiny", "paper"]] = Field(None, description="Fill unset values from a preset: tiny (offline demo, tests) or paper (authors' 7B settings).")
@@ -349,6 +380,7 @@ class DominoConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="SFT on accepted records (Ray Train).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Pass@k evaluation.")
     report: ReportConfig = Field(default_factory=ReportConfig, description="Run report.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="The synthesis service (`domino serve`, Ray Serve).")
     study: StudyConfig = Field(default_factory=StudyConfig, description="Method study (`domino study`); ignored by the other commands.")
 
     def section_dict(self, name: str) -> dict[str, Any]:
@@ -460,6 +492,8 @@ def absolute_local_paths(cfg: DominoConfig) -> DominoConfig:
     fix(data["references"], "source")
     fix(data["finetune"], "base_model")
     fix(data["report"], "heldout")
+    for name in list(data["serve"]["domains"]):
+        fix(data["serve"]["domains"], name)
     for engine in [data["evaluate"]["engine"]] + [data["synthesize"][s]["engine"] for s in ("draft", "respond", "judge")]:
         fix(engine, "model")
         fix(engine, "lora_path")
