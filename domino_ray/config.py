@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from domino_ray.placement import SANDBOX_PER_ACTOR, SANDBOX_RESOURCE
 
 __all__ = [
     "ConfigError",
@@ -132,6 +134,15 @@ class PoolConfig(_Section):
         return self
 
 
+class SandboxPoolConfig(PoolConfig):
+    """A pool whose actors run untrusted code: it also asks for a custom Ray resource that only
+    sandbox-capable nodes offer (domino_ray/placement.py)."""
+
+    resources: dict[str, float] = Field(
+        default_factory=lambda: {SANDBOX_RESOURCE: SANDBOX_PER_ACTOR},
+        description="Custom Ray resources per actor. The default `{sandbox: 0.01}` keeps untrusted code on nodes that offer `sandbox` (the cluster/ manifests' CPU workers, whose containers may run bubblewrap, and the local Ray that domino starts); a cluster where no node offers it waits for one. {} = any node.")
+
+
 class SamplingConfig(_Section):
     temperature: float = Field(0.8, ge=0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -184,18 +195,21 @@ class JudgeStageConfig(_Section):
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(chat_template=True), description="Judge engine.")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=64), description="Judge sampling; greedy keeps grades stable.")
+    method: Literal["probability", "text"] = Field("probability", description="probability: the grade is the expected grade over the next-token probabilities of the grade tokens 1..scale_max after the rubric and answer_prefix (one forward pass; never unparsable, works on small models). text: the judge writes an answer that is parsed ('Score: N', 'N/10', JSON).")
+    answer_prefix: str = Field("Score: ", description="probability method: text the judge's answer is pre-filled with, so that the next token is the grade.")
     rubric: str = Field(
-        "Rate the programming problem and its solution from 1 to 10 for clarity, correctness and usefulness "
-        "as training data.\n\nProblem:\n{draft}\n\nSolution:\n{response}\n\nReply as: Score: <1-10>",
-        description="Judge prompt; {draft} and {response} are replaced. The parser accepts 'Score: N', 'N/10', JSON {\"score\": N}.",
+        "Problem:\n{draft}\n\nSolution:\n{response}\n\nHow good is this problem and solution as training data for "
+        "a coding assistant, on a scale from 1 (bad: unclear problem or wrong solution) to 5 (excellent: clear "
+        "problem, correct solution)? Reply as: Score: <1-5>",
+        description="Judge prompt; {draft} and {response} are replaced. Its scale must match scale_max.",
     )
-    threshold: float = Field(5.0, description="Minimum score to accept; an unparseable answer is a rejection with reason judge_unparsed.")
-    scale_max: float = Field(10.0, gt=0, description="Top of the rubric's scale; scores above it are unparsed.")
+    threshold: float = Field(3.0, description="Minimum grade to accept (a grade equal to it passes); an unparseable text answer is a rejection with reason judge_unparsed.")
+    scale_max: float = Field(5.0, gt=0, description="Top of the rubric's scale (grades 1..scale_max); text scores above it are unparsed. The probability method needs each grade to be one token: 1..9 on most tokenizers.")
 
 
 class ExecuteStageConfig(_Section):
     enabled: bool = Field(False, description="Run responses against their tests in the sandbox (needs respond.write_tests or tests in drafts).")
-    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(num_cpus=0.25, batch_size=8), description="Sandbox actor pool.")
+    pool: SandboxPoolConfig = Field(default_factory=lambda: SandboxPoolConfig(num_cpus=0.25, batch_size=8), description="Sandbox actor pool.")
 
 
 class FilterStageConfig(_Section):
@@ -257,7 +271,7 @@ class SandboxConfig(_Section):
     site_packages: bool = Field(False, description="Let programs import the third-party packages of that interpreter's site-packages. Off = standard library only (python -S): results do not depend on what a node has installed, and startup skips site-packages scanning and .pth hooks (several times faster where site-packages is large).")
     uid: int = Field(65534, description="Unprivileged uid/gid programs run as (nobody).")
     uid_slots: int = Field(16, ge=1, description="Concurrent executions on one node take uids uid, uid-1, ..., uid-slots+1: RLIMIT_NPROC counts per uid, so a fork bomb cannot starve a neighbour. 1 = all share `uid`.")
-    pool: PoolConfig = Field(default_factory=lambda: PoolConfig(min_actors=1, max_actors=2, num_cpus=0.25, batch_size=8), description="Sandbox actor pool shared by evaluation and the execute stage.")
+    pool: SandboxPoolConfig = Field(default_factory=lambda: SandboxPoolConfig(min_actors=1, max_actors=2, num_cpus=0.25, batch_size=8), description="Sandbox actor pool shared by evaluation and the execute stage.")
 
 
 # ---------------------------------------------------------------------------------------- finetune

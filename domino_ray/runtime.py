@@ -22,5 +22,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus)
+        from domino_ray.placement import local_node_resources
+
+        # this one node runs everything, untrusted code too: it offers the sandbox resource
+        ray.init(address="local", num_cpus=num_cpus, resources=local_node_resources())
     log.info("ray: %s", ray.cluster_resources())

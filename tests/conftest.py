@@ -63,12 +63,15 @@ def ray_cluster():
     actor pools cannot starve Ray Data's read/write tasks (DESIGN section 10)."""
     import ray
 
+    from domino_ray.placement import local_node_resources
+
     if ray.is_initialized():
         ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ctx = ray.init(
         address="local",
         num_cpus=4,
+        resources=local_node_resources(),  # the sandbox pools' resource (domino_ray/placement.py)
         object_store_memory=400 * 1024**2,
         include_dashboard=False,
         _temp_dir=temp_dir,

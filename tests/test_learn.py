@@ -78,11 +78,14 @@ def test_checkpoints_of_another_setup_are_refused(tmp_path, references, tiny_mod
 
 @pytest.mark.slow
 def test_two_workers_learn_and_recover_from_a_worker_failure(ray_cluster, fast_train_polls, tmp_path, references,
-                                                             tiny_model_dir):
+                                                             tiny_model_dir, monkeypatch):
+    from domino_ray.learn import FAULT_ENV
+
     epochs = 6
     run = str(tmp_path / "run")
     # the last worker raises once in epoch 2; Ray Train restarts both from the epoch-1 checkpoint
-    summary = run_learn(_config(run, references, tiny_model_dir, epochs=epochs), _fail_once_at_step=5)
+    monkeypatch.setenv(FAULT_ENV, "5")
+    summary = run_learn(_config(run, references, tiny_model_dir, epochs=epochs))
     storage = Storage()
 
     assert summary["steps"] == epochs * STEPS_PER_EPOCH and summary["epochs"] == epochs
@@ -138,3 +141,85 @@ def test_s3_run_then_rerun_resumes_and_stops_on_nan(ray_cluster, fast_train_poll
     assert torch.equal(ckpt, rep1.domain)  # the last good checkpoint is kept, and the artifact with it
     assert load_representation(run, storage).sha256 == rep1.sha256
     assert RunManifest(storage, run).stage("learn")["status"] == "failed"
+
+
+# ------------------------------------------------------------------- two workers = one process
+def _reference_learn(cfg, world: int, share_gradient: bool = True):
+    """D after `cfg.learn` epochs, computed in this process with a plain torch loop: per step, each
+    worker's loss on its own batch (`domino_loss_straightforward`, the reference implementation of
+    the objective), D's gradient averaged over the workers, D and each worker's S_i clipped
+    separately, one AdamW step over everything with the linear-decay schedule.
+
+    Only the initial tokens and the batches come from learn's worker code (its documented assignment:
+    sample i on worker i mod W, seeded init and shuffles), so that both sides start from the same
+    numbers; the training arithmetic is this function's own. `share_gradient=False` is the broken
+    variant (no all-reduce: rank 0 steps D on its own gradient). Returns (initial D, final D).
+    """
+    from domino_ray import learn
+    from domino_ray.backbone import load_backbone
+    from domino_ray.objective import ObjectiveSpec, domino_loss_straightforward, pad_texts
+    from domino_ray.references import load_references
+
+    lc = cfg.learn
+    model, tok = load_backbone(cfg.backbone.model, dtype="float32", device="cpu", frozen=True)
+    token_ids = load_references(cfg.references, tok).token_ids
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    steps = learn.steps_per_epoch(len(token_ids), world, lc.batch_size)
+
+    shells = []
+    for rank in range(world):  # learn's init and batching, outside Ray
+        shell = learn._Learner.__new__(learn._Learner)
+        shell.cfg, shell.lc, shell.rank, shell.world, shell.model = cfg, lc, rank, world, model
+        shell.device, shell.steps_per_epoch = torch.device("cpu"), steps
+        shell.owned = [i for i in range(len(token_ids)) if i % world == rank]
+        shell._setup_params()
+        shells.append(shell)
+    init = shells[0].D.detach().clone()
+    D = torch.nn.Parameter(init.clone())
+    assert all(torch.equal(s.D, D) for s in shells)  # every worker starts from the same D
+    S = {i: torch.nn.Parameter(s.S[s.slot[i]].detach().clone()) for s in shells for i in s.owned}
+    opt = torch.optim.AdamW([D, *S.values()], lr=lc.lr, weight_decay=lc.weight_decay)
+    total = steps * lc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (total - k) / total)  # warmup_ratio = 0
+    spec = ObjectiveSpec.from_config(lc)
+    for epoch in range(1, lc.epochs + 1):
+        per_rank = [s._epoch_batches(epoch) for s in shells]
+        for k in range(steps):
+            grad_D = torch.zeros_like(D)
+            for batches in per_rank:
+                batch = batches[k]
+                params = [S[i] for i in batch]
+                out = domino_loss_straightforward(model, D, torch.stack(params),
+                                                  pad_texts([token_ids[i] for i in batch], pad_id), (), spec)
+                g_D, *g_S = torch.autograd.grad(out.loss, [D, *params])
+                if share_gradient or batches is per_rank[0]:
+                    grad_D += g_D / (world if share_gradient else 1)
+                for p, g in zip(params, g_S):
+                    p.grad = g
+                torch.nn.utils.clip_grad_norm_(params, lc.grad_clip)  # this worker's S_i only
+            D.grad = grad_D
+            torch.nn.utils.clip_grad_norm_([D], lc.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    return init, D.detach()
+
+
+@pytest.mark.slow
+def test_two_workers_learn_the_same_D_as_one_process_on_the_same_batches(ray_cluster, fast_train_polls, tmp_path,
+                                                                        references, tiny_model_dir):
+    cfg = _config(str(tmp_path / "run"), references, tiny_model_dir, epochs=2, lr=0.02)
+    run_learn(cfg)
+    learned = load_representation(cfg.run.output, Storage()).domain
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' setting: same reduction order, fewer rounding differences
+    try:
+        init, expected = _reference_learn(cfg, WORKERS)
+        _, alone = _reference_learn(cfg, WORKERS, share_gradient=False)
+    finally:
+        torch.set_num_threads(threads)
+    moved = (expected - init).norm()
+    gap = (alone - expected).norm()
+    assert gap > 0.05 * moved  # what the comparison must tell apart: with and without the all-reduce
+    assert (learned - expected).norm() < 0.01 * gap, ((learned - expected).norm(), gap, moved)
+    assert not torch.equal(learned, init)

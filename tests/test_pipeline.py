@@ -118,7 +118,7 @@ def ray_head():
         [ray_bin, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}", "--dashboard-host=127.0.0.1",
-         f"--temp-dir={temp_dir}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--num-cpus=4", "--resources={\"sandbox\": 1}", "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:

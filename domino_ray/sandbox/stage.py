@@ -78,12 +78,15 @@ def add_sandbox_stage(ds, cfg: SandboxConfig):
     actors, fractional CPUs so the pool cannot starve Ray Data's read/write tasks)."""
     from ray.data import ActorPoolStrategy
 
+    from domino_ray.remote import sandbox_remote_args
+
     pool = cfg.pool
     return ds.map_batches(
         SandboxStage,
         fn_constructor_kwargs={"sandbox_cfg": cfg.model_dump(mode="json")},
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_cpus=pool.num_cpus,
+        **sandbox_remote_args(pool),  # only on sandbox-capable nodes (domino_ray/placement.py)
         batch_size=pool.batch_size,
         batch_format="numpy",
     )

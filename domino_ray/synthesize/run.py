@@ -236,9 +236,13 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
         if syn.respond.write_tests:
             ds = llm(ds, stages.TestsStage, syn.respond, template=syn.respond.tests_template)
     if syn.judge.enabled:
-        ds = llm(ds, stages.JudgeStage, syn.judge, rubric=syn.judge.rubric, scale_max=syn.judge.scale_max)
+        ds = llm(ds, stages.JudgeStage, syn.judge, rubric=syn.judge.rubric, scale_max=syn.judge.scale_max,
+                 method=syn.judge.method, answer_prefix=syn.judge.answer_prefix)
     if syn.execute.enabled:
+        from domino_ray.remote import sandbox_remote_args  # untrusted code: sandbox-capable nodes only
+
         ds = ds.map_batches(stages.ExecuteStage, batch_format="numpy", **_pool_args(syn.execute.pool),
+                            **sandbox_remote_args(syn.execute.pool),
                             fn_constructor_kwargs={"sandbox_cfg": cfg.section_dict("sandbox"), "run": cfg.run.name,
                                                    "rules": rules})
     if syn.filter.enabled:
