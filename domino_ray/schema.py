@@ -43,10 +43,12 @@ REJECT_REASONS = (
     "not_novel",
 )
 
-# `exec_status` values, shared with the sandbox and evaluation results.
-EXEC_STATUSES = ("passed", "failed", "error", "timeout", "limit", "skipped")
+# `exec_status` values, shared with the sandbox and evaluation results. `refused`: assert-style
+# tests were not run because the code uses a construct that can end or hijack the test process
+# (domino_ray.evaluate.checks.refusal).
+EXEC_STATUSES = ("passed", "failed", "error", "timeout", "limit", "refused", "skipped")
 # The statuses that reject a synthetic sample (reason exec_failed); `skipped` (no tests) does not.
-EXEC_FAILURES = ("failed", "error", "timeout", "limit")
+EXEC_FAILURES = ("failed", "error", "timeout", "limit", "refused")
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -112,6 +114,8 @@ EVAL_RESULT_SCHEMA = pa.schema(
         pa.field("detail", pa.string()),
         pa.field("duration_s", pa.float64()),
         pa.field("completion_tokens", pa.int64()),
+        # how the verdict was reached: data (outputs compared outside the sandbox) | assert | none
+        pa.field("verdict_path", pa.string()),
     ]
 )
 

@@ -1,21 +1,28 @@
-"""From a problem and a model's text to the program the sandbox runs. Pure Python, no Ray.
+"""From a problem and a model's text to the programs the sandbox runs. Pure Python, no Ray.
 
     completion_prompt / chat_prompt   what the model is asked (base models continue the code;
                                       instruct models get an instruction through the chat template)
     stop_strings                      where a completion-style answer ends
     solution_from_completion          the code under test: prompt + truncated completion, or the
                                       code extracted from a fenced or bare chat answer
-    build_program                     the code under test + the benchmark's tests as one program
-                                      whose exit status is the verdict (0 = every test passed)
+    *_program                         the sandboxed programs; verdicts come from
+                                      `evaluate.verdict.judge_solution`, in the parent process
 
-Test programs by `Problem.test_type`:
-    check       solution, the problem's `check(candidate)` function, `check(entry_point)`
-    asserts     solution followed by the bare asserts
-    diff        EvalPlus: candidate and canonical solution run side by side on every input;
-                outputs compared exactly, floats with the problem's atol
-    stdio       LiveCodeBench stdin/stdout: each test runs the solution as its own process with the
-                test input on stdin; stdout compared line by line (sandbox.compare.stdout_matches)
-    functional  LiveCodeBench LeetCode-style: `Solution().<func_name>(*args)` against the output
+Data programs (the verdict is decided outside the sandbox; no expected value is inside them):
+    calls_program       HumanEval `check` / bare asserts read as data: the function under test on
+                        each test's call, outputs reported as plain data (sandbox.compare.to_data)
+    expected_program    the tests' own expected values and tolerances, and the reference
+                        solution's outputs (run once per problem, cached by the parent)
+    inputs_program      EvalPlus: a solution on every input (the candidate, or the reference)
+    functional_program  LiveCodeBench LeetCode-style: `Solution().<func_name>(*args)` per test
+    stdio_program       LiveCodeBench stdin/stdout: each test runs the solution as its own process
+                        with the input on stdin; its stdout comes back
+Assert program (where tests cannot be read as data, and for self-written tests):
+    assert_program      code under test (`__main__` blocks removed) + tests + a completion marker
+    build_program       assert_program of a `check` or `asserts` problem
+
+Every program opens with CHANNEL: a token drawn inside the sandbox and printed first, which tags
+the harness's final report; `verdict.read_report` accepts only a report with that token.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import re
 from typing import Optional
 
 from domino_ray.evaluate.benchmarks import Problem
-from domino_ray.sandbox.compare import stdout_matches
 
 __all__ = [
     "CODE_STOPS",
@@ -151,150 +157,303 @@ def reference_solution(p: Problem) -> Optional[str]:
 
 
 # -------------------------------------------------------------------------------------- programs
+# Every program starts with this channel, before any code under test runs: a token drawn inside
+# the sandbox (os.urandom, never in a file, never in stdin) is written to stdout first, and the
+# harness's report at the end is tagged with it. The code under test runs in its own namespace and
+# cannot name `_domino_emit`; reaching the token means reaching the harness's objects through
+# frames, gc, __main__ or /proc, which the assert path refuses statically (checks.refusal).
+CHANNEL = '''import os as _domino_os
+def _domino_channel():
+    write, token = _domino_os.write, _domino_os.urandom(16).hex()
+    write(1, ("DOMINO-START " + token + "\\n").encode())
+    def emit(text):
+        write(1, ("\\nDOMINO-" + token + " " + text + "\\n").encode())
+    return emit
+_domino_emit = _domino_channel()
+del _domino_channel
+'''
+
+
 def _literal(value) -> str:
     """A Python literal of JSON data (json.loads inside the program; repr keeps it one token)."""
     return repr(json.dumps(value))
 
 
-_DIFF_HARNESS = '''
-import copy as _copy, json as _json, math as _math
+_DATA_COMMON = '''
+import copy as _copy, json as _json, sys as _sys
+{to_data}
+_to_data = to_data
 
-_INPUTS = _json.loads({inputs})
-_ATOL = {atol!r}
-_ENTRY = {entry!r}
-# EvalPlus oracles: outputs compared as sets, or only for being not None
-_SET_EQUAL = {{"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
-               "intersection_array", "find_dissimilar", "Diff"}}
-_NOT_NONE = {{"check_str", "text_match_three", "text_starta_endb"}}
+class _Discard:  # the candidate's prints are not the answer (and must not flood the channel)
+    def write(self, s):
+        return len(s)
+    def flush(self):
+        pass
 
-def _load(source):
+def _error(e):
+    try:
+        return f"{{type(e).__name__}}: {{str(e)[:300]}}"
+    except BaseException:
+        return "exception"
+
+def _record(fn):
+    """{{"v": output as data}} | {{"bad": why it is not data}} | {{"x": the exception}}"""
+    try:
+        value = fn()
+    except BaseException as e:  # SystemExit too: an exit is not an answer
+        return {{"x": _error(e)}}
+    try:
+        return {{"v": _to_data(value)}}
+    except BaseException as e:
+        return {{"bad": _error(e)}}
+
+def _load(source, entry):
     namespace = {{"__name__": "__domino_solution__"}}
     exec(compile(source, "<solution>", "exec"), namespace)
-    return namespace[_ENTRY]
+    if entry not in namespace:
+        raise NameError(f"name {{entry!r}} is not defined")
+    return namespace
 
-def _is_floats(x):
-    if isinstance(x, float):
-        return True
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, float) for i in x)
-
-def _close(a, b, atol):
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y, atol) for x, y in zip(a, b))
-    try:
-        return abs(float(a) - float(b)) <= atol + 1e-7 * abs(float(b))
-    except (TypeError, ValueError):
-        return False
-
-def _same(out, expected, args):
-    if _ENTRY == "find_zero":  # any root will do
-        return abs(sum(c * _math.pow(out, i) for i, c in enumerate(args[0]))) <= max(_ATOL, 1e-6)
-    if _ENTRY in _NOT_NONE:
-        return (out is None) == (expected is None)
-    if _ENTRY in _SET_EQUAL:
-        try:
-            return set(out) == set(expected)
-        except TypeError:
-            return False
-    if out == expected:
-        return True
-    atol = _ATOL if _ATOL or not _is_floats(expected) else 1e-6
-    return bool(atol) and _close(out, expected, atol)
-
-_reference = _load(_REFERENCE)
-_candidate = _load(_SOLUTION)
-_checked = 0
-for _i, _args in enumerate(_INPUTS):
-    try:
-        _expected = _reference(*_copy.deepcopy(_args))
-    except Exception:
-        continue  # an input the reference rejects says nothing about the candidate
-    _out = _candidate(*_copy.deepcopy(_args))
-    assert _same(_out, _expected, _args), f"input {{_i}}: wrong output"
-    _checked += 1
-print(f"passed {{_checked}} of {{len(_INPUTS)}} inputs")
+_report = {{"results": []}}
+_out, _err = _sys.stdout, _sys.stderr
+_sys.stdout = _sys.stderr = _Discard()
 '''
 
-_STDIO_HARNESS = '''
-import json as _json, subprocess as _subprocess, sys as _sys
-
-_TESTS = _json.loads({tests})
-_PER_TEST_S = {per_test!r}
-# the solution runs like this harness: same interpreter, same flags (-S when site-packages are off)
-_COMMAND = [_sys.executable, "-I", "-B"] + (["-S"] if _sys.flags.no_site else []) + ["solution.py"]
-
-{compare}
-
-with open("solution.py", "w") as _f:
-    _f.write(_PRELUDE + _SOLUTION)
-for _i, _test in enumerate(_TESTS):
-    with open("input.txt", "w") as _f:
-        _f.write(_test["input"])
-    with open("input.txt") as _fin, open("output.txt", "w") as _fout, open("error.txt", "w") as _ferr:
-        try:
-            _proc = _subprocess.run(_COMMAND, stdin=_fin, stdout=_fout,
-                                    stderr=_ferr, timeout=_PER_TEST_S)
-        except _subprocess.TimeoutExpired:
-            raise TimeoutError(f"test {{_i}}: time limit of {{_PER_TEST_S:g}} s exceeded") from None
-    if _proc.returncode == -24:  # SIGXCPU: the test used up its CPU time
-        raise TimeoutError(f"test {{_i}}: CPU time limit exceeded")
-    if _proc.returncode < 0:
-        raise RuntimeError(f"test {{_i}}: killed by signal {{-_proc.returncode}}")
-    if _proc.returncode != 0:
-        _err = [l for l in open("error.txt", errors="replace").read().splitlines() if l.strip()]
-        _last = _err[-1] if _err else f"exit status {{_proc.returncode}}"
-        if _last.startswith("MemoryError"):
-            raise MemoryError(f"test {{_i}}")
-        raise RuntimeError(f"test {{_i}}: {{_last}}")
-    if not stdout_matches(open("output.txt", errors="replace").read(), _test["output"]):
-        raise AssertionError(f"test {{_i}}: wrong answer")
-print(f"passed {{len(_TESTS)}} tests")
+# HumanEval check / bare asserts as data: the calls of the function under test, nothing else.
+_CALLS_HARNESS = '''
+_SOLUTION = {solution!r}
+_ENTRY = {entry!r}
+_SETUP = {setup!r}
+_CALLS = {calls!r}
+try:
+    _candidate = _load(_SOLUTION, _ENTRY)[_ENTRY]
+except BaseException as e:
+    _report["load"] = _error(e)
+else:
+    _tests_ns = {{}}
+    exec(_SETUP, _tests_ns)
+    for _call in _CALLS:
+        _fn = eval("lambda candidate: (" + _call + ")", _tests_ns)
+        _rec = _record(lambda: _fn(_candidate))
+        _report["results"].append(_rec)
+        if "v" not in _rec:
+            break
+_domino_emit(_json.dumps(_report))
 '''
 
+# The expected values of HumanEval-style tests: the tests' own values (and tolerances), evaluated
+# where the tests would see them, and the reference solution's outputs as a check of the reading.
+_EXPECTED_HARNESS = '''
+_REFERENCE = {reference!r}
+_ENTRY = {entry!r}
+_SETUP = {setup!r}
+_TESTS = {tests!r}
+_ns = {{"__name__": "__domino_reference__"}}
+if _REFERENCE is not None:
+    exec(compile(_REFERENCE, "<reference>", "exec"), _ns)
+exec(_SETUP, _ns)
+for _t in _TESTS:
+    _rec = {{}}
+    for _key, _src in (("e", _t["expected"]), ("eps", _t["eps"])):
+        if _src is not None:
+            _rec[_key] = _record(lambda: eval(_src, _ns))
+    if _REFERENCE is not None and _ENTRY in _ns:
+        _fn = eval("lambda candidate: (" + _t["call"] + ")", _ns)
+        _rec["r"] = _record(lambda: _fn(_ns[_ENTRY]))
+    _report["results"].append(_rec)
+_domino_emit(_json.dumps(_report))
+'''
+
+# EvalPlus inputs: the solution (candidate or reference, the same program) on every input.
+_INPUTS_HARNESS = '''
+_SOLUTION = {solution!r}
+_ENTRY = {entry!r}
+_INPUTS = _json.loads({inputs})
+_STOP_AT_EXCEPTION = {stop!r}
+try:
+    _candidate = _load(_SOLUTION, _ENTRY)[_ENTRY]
+except BaseException as e:
+    _report["load"] = _error(e)
+else:
+    for _args in _INPUTS:
+        _rec = _record(lambda: _candidate(*_copy.deepcopy(_args)))
+        _report["results"].append(_rec)
+        if _STOP_AT_EXCEPTION and "x" in _rec:
+            break
+_domino_emit(_json.dumps(_report))
+'''
+
+# LiveCodeBench LeetCode-style: Solution().<func>(*args) per test, with a per-test time limit.
 _FUNCTIONAL_HARNESS = '''
-import json as _json, signal as _signal
-
-_TESTS = _json.loads({tests})
-_PER_TEST_S = {per_test!r}
+import signal as _signal
+_SOLUTION = {solution!r}
+_PRELUDE = {prelude!r}
 _FUNC = {func!r}
+_INPUTS = _json.loads({inputs})
+_PER_TEST_S = {per_test!r}
 
 def _on_alarm(signum, frame):
-    raise TimeoutError(f"test {{_i}}: time limit of {{_PER_TEST_S:g}} s exceeded")
+    raise TimeoutError(f"time limit of {{_PER_TEST_S:g}} s exceeded")
 
-_namespace = {{"__name__": "__domino_solution__"}}
-exec(compile(_PRELUDE + _SOLUTION, "<solution>", "exec"), _namespace)
-_target = getattr(_namespace["Solution"](), _FUNC) if "Solution" in _namespace else _namespace[_FUNC]
-_signal.signal(_signal.SIGALRM, _on_alarm)
-for _i, _test in enumerate(_TESTS):
-    _args = [_json.loads(line) for line in _test["input"].split("\\n")]
-    _expected = _json.loads(_test["output"])
-    _signal.setitimer(_signal.ITIMER_REAL, _PER_TEST_S)
-    try:
-        _out = _target(*_args)
-    finally:
-        _signal.setitimer(_signal.ITIMER_REAL, 0)
-    if isinstance(_out, tuple):
-        _out = list(_out)
-    assert _out == _expected, f"test {{_i}}: wrong answer"
-print(f"passed {{len(_TESTS)}} tests")
+try:
+    _namespace = {{"__name__": "__domino_solution__"}}
+    exec(compile(_PRELUDE + _SOLUTION, "<solution>", "exec"), _namespace)
+    _target = getattr(_namespace["Solution"](), _FUNC) if "Solution" in _namespace else _namespace[_FUNC]
+except BaseException as e:
+    _report["load"] = _error(e)
+else:
+    _signal.signal(_signal.SIGALRM, _on_alarm)
+    for _input in _INPUTS:
+        _args = [_json.loads(line) for line in _input.split("\\n")]
+        def _call():
+            _signal.setitimer(_signal.ITIMER_REAL, _PER_TEST_S)
+            try:
+                return _target(*_args)
+            finally:
+                _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _rec = _record(_call)
+        _report["results"].append(_rec)
+        if "v" not in _rec:
+            break
+_domino_emit(_json.dumps(_report))
 '''
+
+# LiveCodeBench stdin/stdout: each test runs the solution as its own process; its stdout comes
+# back as data. The harness stops at the first crash or timeout (which needs no expected output).
+_STDIO_HARNESS = '''
+import json as _json, subprocess as _subprocess, sys as _sys
+_SOLUTION = {solution!r}
+_PRELUDE = {prelude!r}
+_INPUTS = _json.loads({inputs})
+_PER_TEST_S = {per_test!r}
+_CAP = {cap!r}
+# the solution runs like this harness: same interpreter, same flags (-S when site-packages are off)
+_COMMAND = [_sys.executable, "-I", "-B"] + (["-S"] if _sys.flags.no_site else []) + ["solution.py"]
+_report = {{"results": []}}
+with open("solution.py", "w") as _f:
+    _f.write(_PRELUDE + _SOLUTION)
+for _input in _INPUTS:
+    with open("input.txt", "w") as _f:
+        _f.write(_input)
+    _rec = {{"rc": None, "timeout": False}}
+    with open("input.txt") as _fin, open("output.txt", "w") as _fout, open("error.txt", "w") as _ferr:
+        try:
+            _rec["rc"] = _subprocess.run(_COMMAND, stdin=_fin, stdout=_fout, stderr=_ferr,
+                                         timeout=_PER_TEST_S).returncode
+        except _subprocess.TimeoutExpired:
+            _rec["timeout"] = True
+    with open("output.txt", errors="replace") as _f:
+        _text = _f.read(_CAP + 1)
+    _rec["out"], _rec["truncated"] = _text[:_CAP], len(_text) > _CAP
+    _lines = [l for l in open("error.txt", errors="replace").read()[-4000:].splitlines() if l.strip()]
+    _rec["err"] = _lines[-1][:300] if _lines else ""
+    _report["results"].append(_rec)
+    if _rec["timeout"] or _rec["rc"] != 0:
+        break
+_domino_emit(_json.dumps(_report))
+'''
+
+# Assert-style tests: the code under test, then the tests, then the completion marker. The tests
+# run in their own namespace: the code's functions and classes, but none of its names that shadow
+# builtins (`abs = lambda x: 0` cannot make `abs(f(x) - y) < eps` true); `check(candidate)` tests
+# see the benchmark's prompt (its helpers), not the code's redefinitions of them.
+_ASSERT_HARNESS = '''
+import builtins as _domino_builtins
+_SOLUTION = {solution!r}
+_TESTS = {tests!r}
+_PROMPT = {prompt!r}
+_ENTRY = {entry!r}
+
+def _domino_run():
+    namespace = {{"__name__": "__domino_solution__"}}
+    exec(compile(_SOLUTION, "<solution>", "exec"), namespace)
+    if _ENTRY is not None:  # HumanEval style: tests define check(candidate)
+        tests_ns = {{"__name__": "__domino_tests__"}}
+        if _PROMPT:
+            exec(compile(_PROMPT, "<prompt>", "exec"), tests_ns)
+        exec(compile(_TESTS, "<tests>", "exec"), tests_ns)
+        if _ENTRY not in namespace:
+            raise NameError(f"name {{_ENTRY!r}} is not defined")
+        tests_ns["check"](namespace[_ENTRY])
+    else:  # bare asserts over the code's own names
+        tests_ns = {{k: v for k, v in namespace.items() if not k.startswith("__") and not hasattr(_domino_builtins, k)}}
+        tests_ns["__name__"] = "__domino_tests__"
+        exec(compile(_TESTS, "<tests>", "exec"), tests_ns)
+    import unittest
+    cases = [v for v in list(tests_ns.values()) if isinstance(v, type) and issubclass(v, unittest.TestCase)
+             and v is not unittest.TestCase]
+    if cases:  # unittest.main() was removed with the __main__ block: run the cases here
+        suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(c) for c in cases)
+        result = unittest.TextTestRunner(verbosity=0).run(suite)
+        if not result.wasSuccessful():
+            raise AssertionError(f"unittest: {{len(result.failures)}} failures, {{len(result.errors)}} errors")
+
+_domino_run()
+_domino_emit("done")
+'''
+
+
+def _with_channel(body: str) -> str:
+    return CHANNEL + body
+
+
+def calls_program(solution: str, entry: str, setup: list[str], calls: list[str]) -> str:
+    """The outputs of `solution`'s `entry` on the calls of data tests (no expected value inside)."""
+    from domino_ray.sandbox.compare import to_data
+
+    return _with_channel(_DATA_COMMON.format(to_data=inspect.getsource(to_data))
+                         + _CALLS_HARNESS.format(solution=solution, entry=entry, setup="\n".join(setup), calls=calls))
+
+
+def expected_program(reference: Optional[str], entry: Optional[str], setup: list[str], tests: list[dict]) -> str:
+    """The tests' expected values and tolerances, and the reference solution's outputs."""
+    from domino_ray.sandbox.compare import to_data
+
+    return _with_channel(_DATA_COMMON.format(to_data=inspect.getsource(to_data))
+                         + _EXPECTED_HARNESS.format(reference=reference, entry=entry, setup="\n".join(setup), tests=tests))
+
+
+def inputs_program(solution: str, entry: str, inputs: list, stop_at_exception: bool = True) -> str:
+    """The outputs of `solution`'s `entry` on every input (EvalPlus)."""
+    from domino_ray.sandbox.compare import to_data
+
+    return _with_channel(_DATA_COMMON.format(to_data=inspect.getsource(to_data))
+                         + _INPUTS_HARNESS.format(solution=solution, entry=entry, inputs=_literal(inputs),
+                                                  stop=stop_at_exception))
+
+
+def functional_program(p: Problem, solution: str) -> str:
+    from domino_ray.sandbox.compare import to_data
+
+    return _with_channel(_DATA_COMMON.format(to_data=inspect.getsource(to_data)) + _FUNCTIONAL_HARNESS.format(
+        solution=solution, prelude=LCB_PRELUDE, func=p.entry_point, inputs=_literal([t["input"] for t in p.io_tests]),
+        per_test=float(p.meta.get("per_test_timeout_s", 6.0))))
+
+
+STDIO_CAPTURE_CHARS = 4 * 1024 * 1024  # stdout kept per test; longer is judged as a wrong answer
+
+
+def stdio_program(p: Problem, solution: str) -> str:
+    return _with_channel(_STDIO_HARNESS.format(
+        solution=solution, prelude=LCB_PRELUDE, inputs=_literal([t["input"] for t in p.io_tests]),
+        per_test=float(p.meta.get("per_test_timeout_s", 6.0)), cap=STDIO_CAPTURE_CHARS))
+
+
+def assert_program(solution: str, tests: str, entry: Optional[str] = None, prompt: Optional[str] = None) -> str:
+    """Code under test (its `__main__` blocks removed) + assert tests + the completion marker.
+    `entry`: HumanEval style, tests define `check(candidate)`, called with it; else bare asserts."""
+    from domino_ray.evaluate.checks import strip_main
+
+    return _with_channel(_ASSERT_HARNESS.format(solution=strip_main(solution), tests=strip_main(tests),
+                                                prompt=prompt, entry=entry))
 
 
 def build_program(p: Problem, solution: str) -> str:
-    """One program that exits 0 exactly when `solution` passes every test of `p`."""
+    """The assert-path program of a HumanEval-style or bare-assert problem (exit 0 and the
+    completion marker when every test passes). Verdicts come from `evaluate.verdict.judge_solution`,
+    which takes the data path wherever it can; this is what it falls back to."""
     if p.test_type == "check":
-        return f"{solution}\n\n{p.tests}\n\ncheck({p.entry_point})\n"
+        return assert_program(solution, p.tests, entry=p.entry_point, prompt=p.prompt if p.prompt_kind == "code" else None)
     if p.test_type == "asserts":
-        return f"{solution}\n\n{p.tests}\n"
-    head = f"_SOLUTION = {solution!r}\n"
-    if p.test_type == "diff":
-        inputs = list(p.meta.get("base_input", [])) + list(p.meta.get("plus_input", []))
-        return (head + f"_REFERENCE = {reference_solution(p)!r}\n"
-                + _DIFF_HARNESS.format(inputs=_literal(inputs), atol=float(p.meta.get("atol", 0.0)), entry=p.entry_point))
-    per_test = float(p.meta.get("per_test_timeout_s", 6.0))
-    head += f"_PRELUDE = {LCB_PRELUDE!r}\n"
-    if p.test_type == "stdio":
-        return head + _STDIO_HARNESS.format(tests=_literal(p.io_tests), per_test=per_test,
-                                            compare=inspect.getsource(stdout_matches))
-    if p.test_type == "functional":
-        return head + _FUNCTIONAL_HARNESS.format(tests=_literal(p.io_tests), per_test=per_test, func=p.entry_point)
-    raise ValueError(f"problem {p.task_id}: unknown test_type {p.test_type!r}")
+        return assert_program(solution, p.tests)
+    raise ValueError(f"problem {p.task_id}: {p.test_type} problems are judged on data (evaluate.verdict.judge_solution)")

