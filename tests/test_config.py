@@ -89,6 +89,16 @@ def test_presets_fill_only_unset_values():
     assert (paper.learn.num_domain_tokens, paper.learn.use_gpu) == (256, False)
 
 
+def test_paper_preset_is_the_authors_settings():
+    # DESIGN.md section 1: "paper (P = Q = 256, B = 3, 10 epochs, bf16 - the authors' settings for a 7B coder model)"
+    learn = config_from_dict({"preset": "paper"}).learn
+    assert (learn.num_domain_tokens, learn.num_sample_tokens, learn.batch_size, learn.epochs) == (256, 256, 3, 10)
+    assert learn.precision == "bf16" and learn.use_gpu is True
+    # and the method's defaults it does not override (DESIGN section 1): lambda = tau = 1, AdamW lr 1e-3, clip 1.0
+    assert (learn.lambda_, learn.tau, learn.lr, learn.grad_clip, learn.contrastive) == (1.0, 1.0, 1e-3, 1.0, "paper")
+    assert learn.init == "vocab"
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"preset: unknown preset 'huge'; known: \['paper', 'tiny'\]"):
         config_from_dict({"preset": "huge"})
@@ -128,7 +138,42 @@ def test_file_level_errors(tmp_path):
 EXAMPLE_CONFIGS = sorted((REPO / "examples").rglob("*.yaml")) + sorted((REPO / "examples").rglob("*.yml"))
 
 
+def _leaves(data: dict, prefix: tuple = ()):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
 @pytest.mark.parametrize("path", EXAMPLE_CONFIGS, ids=[str(p.relative_to(REPO)) for p in EXAMPLE_CONFIGS])
-def test_every_example_config_loads(path):
-    load_config(path)
+def test_every_example_config_loads_with_the_values_it_sets(path):
+    data = yaml.safe_load(path.read_text())
+    loaded = load_config(path).to_dict()
+    checked = 0
+    for keys, value in _leaves(data):
+        if keys == ("preset",):
+            continue
+        got = loaded
+        for key in keys:
+            got = got[key]
+        if isinstance(value, str) and value.startswith("builtin:"):  # resolved to its node-local folder
+            assert Path(got).is_absolute() and Path(got).name == value.split(":", 1)[1], (keys, got)
+        elif isinstance(value, str) and value.startswith("./"):  # local paths resolved against the cwd
+            assert got == str(Path.cwd() / value), (keys, got)
+        else:
+            assert got == value, (keys, got, value)  # the file's value, never a preset's or a default
+        checked += 1
+    assert checked >= 5
+    if "preset" in data:  # the preset fills what the file leaves unset
+        preset = PRESETS[data["preset"]]
+        for keys, value in _leaves(preset):
+            node = data
+            for key in keys:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if node == {}:
+                got = loaded
+                for key in keys:
+                    got = got[key]
+                assert got == value, (keys, got, value)
 
