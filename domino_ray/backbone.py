@@ -69,11 +69,61 @@ def resolve_dtype(dtype: str = "auto", device: str = "cpu"):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def backbone_signature(model_config: Any) -> str:
-    """A short hash of the architecture fields; equal signatures mean soft tokens are transferable."""
+def backbone_signature(model_config: Any, weights: Any = None) -> str:
+    """A short hash of the architecture fields, and with `weights` (a model directory or hub id) a hash
+    of a few weight slices after a dash: `ARCH-WEIGHTS`.
+
+    Equal architecture parts mean soft tokens fit the model (H, layers, vocabulary); the weights part
+    tells a base model from its instruct sibling (same architecture, other weights). The slices are
+    read from the safetensors files (rows of three 2-D tensors, rounded to bfloat16 so an fp32 and a
+    bf16 copy of the same weights agree); no weights part when there are no safetensors files (a
+    missing hub snapshot, .bin checkpoints).
+    """
     cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
     core = {k: cfg.get(k) for k in _SIGNATURE_FIELDS}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    arch = hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if weights is None:
+        return arch
+    digest = _weights_digest(str(weights))
+    return f"{arch}-{digest}" if digest else arch
+
+
+def _weights_digest(model: str) -> Optional[str]:
+    """12 hex digits from slices of the first, middle and last 2-D tensors (sorted names) of a checkpoint."""
+    import torch
+    from safetensors import safe_open
+
+    directory = Path(model).expanduser()
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"],
+                                               local_files_only=True))
+        except Exception:  # not downloaded here: no weights part, the architecture still decides
+            return None
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    names = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                if len(handle.get_slice(key).get_shape()) == 2:
+                    names[key] = f
+    if not names:
+        return None
+    keys = sorted(names)
+    picks = sorted({keys[0], keys[len(keys) // 2], keys[-1]})
+    h = hashlib.sha256()
+    for key in picks:
+        with safe_open(str(names[key]), framework="pt") as handle:
+            part = handle.get_slice(key)
+            rows, cols = part.get_shape()
+            sample = torch.cat([part[r: r + 1, : min(cols, 512)] for r in sorted({0, rows // 2, rows - 1})])
+        h.update(key.encode())
+        h.update(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):

@@ -96,7 +96,9 @@ class LearnConfig(_Section):
     contrastive: Literal["paper", "infonce", "released"] = Field("paper", description="L2 variant (DESIGN section 1): paper, infonce (denominator includes i), released (authors' code).")
     normalize: Literal["sample", "token"] = Field("sample", description="NLL averaging: per sample (length-normalised) or over all tokens of the batch.")
     init: Literal["vocab", "normal"] = Field("vocab", description="Soft-token init: embeddings of random vocabulary tokens, or normal with the embedding table's std.")
-    chunk_rows: int = Field(0, ge=0, description="Rows of M per forward chunk; 0 = all B^2 at once. Lower it when memory is short: chunks are checkpointed, so memory holds one chunk's activations and each chunk's text forward runs again in the backward.")
+    chunk_rows: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = Field(0, description="Rows of M per forward chunk; 0 = all B^2 at once; auto = as many as the memory budget holds (measured per-row activation cost). Lower it when memory is short: chunks are checkpointed, so memory holds one chunk's activations and each chunk's text forward runs again in the backward.")
+    memory_budget_gb: Optional[float] = Field(None, gt=0, description="chunk_rows auto: GiB M's activations may use; null = half the free GPU memory (torch.cuda.mem_get_info) or 40% of the available host memory.")
+    bos: bool = Field(False, description="Put the tokenizer's BOS token before the soft tokens, [BOS ; D ; S_i ; prefix ; X], for models trained with BOS at position 0 (Llama, Gemma). Recorded in the representation; every engine and the PEFT export then use [BOS ; D ; ...] too.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers; the LM is replicated on each, D is all-reduced.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
@@ -118,6 +120,7 @@ class EngineConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree (GPUs per engine).")
     chat_template: bool = Field(False, description="Wrap text prompts with the tokenizer's chat template (instruct models).")
     lora_path: Optional[str] = Field(None, description="LoRA adapter directory applied to every request (evaluating fine-tuned models).")
+    allow_other_weights: bool = Field(False, description="Use a representation with a model of the same architecture but other weights (e.g. D learned on a base model, used with its instruct sibling): a warning instead of an error. The architecture and H must still match.")
 
 
 class PoolConfig(_Section):
@@ -420,7 +423,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The authors' settings for a 7B coder model (DESIGN section 1).
     "paper": {
         "learn": {"num_domain_tokens": 256, "num_sample_tokens": 256, "batch_size": 3, "epochs": 10,
-                  "precision": "bf16", "use_gpu": True, "lr": 1e-3},
+                  "precision": "bf16", "use_gpu": True, "lr": 1e-3, "chunk_rows": "auto"},
         "references": {"max_tokens": 1024},
     },
 }

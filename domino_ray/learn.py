@@ -25,7 +25,11 @@ Resume: re-running with the same run root restarts from the latest checkpoint (R
 it by storage path + name); a worker failure does the same within a run, up to
 `learn.max_failures` times. Settings that change the meaning of a checkpoint (references, P, Q,
 backbone, worker count) must match it, else the run stops before training, naming the field.
-Epochs, lr and loss settings may change between attempts (the new values apply from the resumed step).
+Epochs, lr and loss settings may change between attempts (the new values apply from the resumed step;
+a changed lr replaces the checkpoint's schedule base, with a warning).
+
+Fault injection (tests only): the environment variable DOMINO_LEARN_FAIL_ONCE_AT_STEP=N makes the last
+worker raise once at global step N, to exercise recovery; it is read by `run_learn` on the driver.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from domino_ray.config import DominoConfig
 from domino_ray.manifest import RunManifest, config_fingerprint, redact_secrets
 from domino_ray.storage import Storage, is_s3, join_uri, split_s3
 
-__all__ = ["LearnDiverged", "run_learn", "learn_fingerprint", "METRIC_KEYS"]
+__all__ = ["LearnDiverged", "run_learn", "learn_fingerprint", "METRIC_KEYS", "steps_per_epoch", "epoch_batch_sizes",
+           "apply_lr"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,7 @@ METRICS_FILE = "metrics.jsonl"
 OUTCOME_FILE = "outcome.json"
 PROGRESS_FILE = "progress.json"
 DOMAIN_FILE = "domain.pt"
+FAULT_ENV = "DOMINO_LEARN_FAIL_ONCE_AT_STEP"
 METRIC_KEYS = ("loss", "l1", "l2", "m_diag", "m_offdiag")
 # Fields a checkpoint was made for; a resumed run must agree on all of them.
 _RESUME_FIELDS = ("reference_sha256", "num_references", "num_domain_tokens", "num_sample_tokens", "world_size",
@@ -71,11 +77,9 @@ def learn_fingerprint(cfg: DominoConfig) -> str:
 
 
 # ============================================================================ driver
-def run_learn(cfg: DominoConfig, *, _fail_once_at_step: Optional[int] = None) -> dict[str, Any]:
+def run_learn(cfg: DominoConfig) -> dict[str, Any]:
     """Train D on the references of `cfg` with Ray Train; write the representation; return a summary.
 
-    `_fail_once_at_step` is fault injection for the recovery test: the last worker raises once at
-    that global step (a marker file on the worker's machine makes it once).
     Raises LearnDiverged on NaN/inf, ValueError on unusable settings or mismatched checkpoints.
     """
     t0 = time.time()
@@ -88,8 +92,9 @@ def run_learn(cfg: DominoConfig, *, _fail_once_at_step: Optional[int] = None) ->
     try:
         payload = _prepare(cfg, storage)
         _check_resumable(storage, join_uri(run_root, LEARN_DIR), payload["expect"])
-        if _fail_once_at_step is not None:
-            payload["fail_once"] = {"step": _fail_once_at_step,
+        fail_at = os.environ.get(FAULT_ENV)
+        if fail_at:  # fault injection for the recovery test (module docstring); once, by a marker file
+            payload["fail_once"] = {"step": int(fail_at),
                                     "marker": str(Path(tempfile.gettempdir()) / f"domino-fault-{os.getpid()}-{time.time_ns()}")}
         outcome = _fit(cfg, storage, payload)
         summary = _finish(cfg, storage, payload, outcome, t0)
@@ -119,13 +124,21 @@ def _prepare(cfg: DominoConfig, storage: Storage) -> dict[str, Any]:
 
     from domino_ray.backbone import backbone_signature
 
-    signature = backbone_signature(AutoConfig.from_pretrained(model, trust_remote_code=cfg.backbone.trust_remote_code))
+    signature = backbone_signature(AutoConfig.from_pretrained(model, trust_remote_code=cfg.backbone.trust_remote_code),
+                                   weights=model)
     prefix_ids = tok(cfg.references.prefix, add_special_tokens=False)["input_ids"] if cfg.references.prefix else []
+    lead_ids: list[int] = []
+    if cfg.learn.bos:
+        if tok.bos_token_id is None:
+            raise ValueError(f"learn.bos is true but the tokenizer of {model!r} has no BOS token; set learn.bos: false")
+        lead_ids = [int(tok.bos_token_id)]
     return {
         "cfg": redact_secrets(cfg.to_dict()),  # workers write through Ray's storage filesystem, keys stay home
         "model": model,
         "token_ids": refs.token_ids,
         "prefix_ids": list(prefix_ids),
+        "lead_ids": lead_ids,
+        "num_tokens": len(tok),  # real token ids; embedding tables are often padded beyond them
         "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         "references": {"sha256": refs.sha256, "stats": refs.stats},
         "expect": {"reference_sha256": refs.sha256, "num_references": n,
@@ -138,8 +151,33 @@ def _prepare(cfg: DominoConfig, storage: Storage) -> dict[str, Any]:
 
 def steps_per_epoch(num_references: int, num_workers: int, batch_size: int) -> int:
     """Steps every worker runs per epoch: the batch count of the smallest shard (shards differ by <= 1)."""
-    smallest = num_references // num_workers
-    return max(1, min(math.ceil(smallest / batch_size), smallest // 2))
+    return len(epoch_batch_sizes(num_references, num_workers, batch_size))
+
+
+def epoch_batch_sizes(num_references: int, num_workers: int, batch_size: int) -> list[int]:
+    """The batch sizes of one epoch, the same on every worker: those of the smallest shard.
+
+    D's gradient is the mean of the workers' gradients, and L2's scale depends on B, so a worker with
+    a bigger batch would weigh differently; a bigger shard instead leaves its extra samples out of
+    that epoch (a different few every epoch, by the per-epoch shuffle).
+    """
+    from domino_ray.objective import batch_sizes
+
+    return batch_sizes(num_references // num_workers, batch_size)
+
+
+def apply_lr(optimizer, scheduler, lr: float) -> Optional[float]:
+    """Make a restored optimizer + LambdaLR follow `lr` (the config's) instead of the checkpoint's base
+    rate, from the resumed step on; returns the checkpoint's rate when it differed (else None)."""
+    old = scheduler.base_lrs[0]
+    if math.isclose(old, lr, rel_tol=1e-12):
+        return None
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return old
 
 
 def _latest_progress(storage: Storage, learn_uri: str) -> Optional[dict[str, Any]]:
@@ -224,6 +262,7 @@ def _finish(cfg: DominoConfig, storage: Storage, payload: dict[str, Any], outcom
         "num_sample_tokens": cfg.learn.num_sample_tokens,
         "init": cfg.learn.init,
         "prefix": cfg.references.prefix,
+        "bos_token_id": payload["lead_ids"][0] if payload.get("lead_ids") else None,
         "reference_sha256": payload["references"]["sha256"],
         "num_references": payload["expect"]["num_references"],
         "metrics": outcome["metrics"],
@@ -282,6 +321,7 @@ class _Learner:
         self.token_ids = ray.get(payload["token_ids"])
         self.owned = [i for i in range(len(self.token_ids)) if i % self.world == self.rank]
         self.spec = ObjectiveSpec.from_config(self.lc)
+        self.batch_sizes = epoch_batch_sizes(len(self.token_ids), self.world, self.lc.batch_size)
         self.steps_per_epoch = payload["steps_per_epoch"]
         self.total_steps = self.steps_per_epoch * self.lc.epochs
         self.history: list[dict[str, Any]] = []  # rank 0: metrics.jsonl lines
@@ -302,7 +342,10 @@ class _Learner:
             dtype = "float32"  # fp32 asked for: not the bf16 weights `auto` picks on GPU
         self.model, _ = load_backbone(self.payload["model"], dtype=dtype, device=str(self.device),
                                       trust_remote_code=self.cfg.backbone.trust_remote_code, frozen=True)
-        self.signature = backbone_signature(self.model.config)
+        self.signature = backbone_signature(self.model.config, weights=self.payload["model"])
+        from domino_ray.objective import loss_function
+
+        self.loss_fn = loss_function(self.model)  # the shared-cache fast path, or the exact fallback
         on_gpu = self.device.type == "cuda"
         self.bf16 = self.lc.precision == "bf16" or (self.lc.precision == "auto" and on_gpu)
 
@@ -311,11 +354,14 @@ class _Learner:
 
         from domino_ray.objective import init_soft_tokens
 
-        emb = self.model.get_input_embeddings().weight
+        emb = self.model.get_input_embeddings()  # the module: some models scale inside it (Gemma)
         seed, P, Q = self.cfg.run.seed, self.lc.num_domain_tokens, self.lc.num_sample_tokens
+        vocab = self.payload.get("num_tokens")
         # Same seeds on every worker: D starts identical everywhere, S_i does not depend on W.
-        self.D = torch.nn.Parameter(init_soft_tokens(emb, (P,), self.lc.init, _seed_of(seed, "D")).to(self.device))
-        self.S = [torch.nn.Parameter(init_soft_tokens(emb, (Q,), self.lc.init, _seed_of(seed, "S", i)).to(self.device))
+        self.D = torch.nn.Parameter(init_soft_tokens(emb, (P,), self.lc.init, _seed_of(seed, "D"),
+                                                     num_tokens=vocab).to(self.device))
+        self.S = [torch.nn.Parameter(init_soft_tokens(emb, (Q,), self.lc.init, _seed_of(seed, "S", i),
+                                                      num_tokens=vocab).to(self.device))
                   for i in self.owned]
         self.slot = {i: k for k, i in enumerate(self.owned)}  # sample index -> position in self.S
 
@@ -353,6 +399,10 @@ class _Learner:
             param.data.copy_(saved)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
+        old_lr = apply_lr(self.opt, self.sched, self.lc.lr)
+        if old_lr is not None and self.rank == 0:
+            log.warning("learn: learn.lr is %g, the checkpoint was trained with %g; the schedule continues from step "
+                        "%d with the new rate", self.lc.lr, old_lr, progress["step"])
         if self.rank == 0:
             self.history = [r for r in self._read_metrics() if r["step"] <= progress["step"]]
         self.resumed_from_step = progress["step"]
@@ -393,18 +443,19 @@ class _Learner:
         from domino_ray.objective import make_batches
 
         return make_batches(self.owned, self.lc.batch_size, _seed_of(self.cfg.run.seed, "epoch", epoch, self.rank),
-                            num_batches=self.steps_per_epoch)
+                            sizes=self.batch_sizes)
 
     def _step(self, batch: list[int], step: int, epoch: int) -> tuple[dict[str, Any], Optional[str]]:
         """One optimisation step; returns (metrics averaged over workers, divergence message or None)."""
         import torch
 
-        from domino_ray.objective import domino_loss, pad_texts
+        from domino_ray.objective import pad_texts
 
         texts = pad_texts([self.token_ids[i] for i in batch], self.payload["pad_id"])
         S_batch = torch.stack([self.S[self.slot[i]] for i in batch]) if self.spec.lambda_ > 0 else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = domino_loss(self.model, self.D, S_batch, texts, self.payload["prefix_ids"], self.spec)
+            out = self.loss_fn(self.model, self.D, S_batch, texts, self.payload["prefix_ids"], self.spec,
+                               lead_ids=self.payload.get("lead_ids", ()))
         metrics = self._mean_over_workers(out.metrics())
         metrics.update(step=step, epoch=epoch, lr=self.sched.get_last_lr()[0], time=round(time.time(), 3))
         bad = [k for k in ("l1", "l2") if metrics[k] is not None and not math.isfinite(metrics[k])]

@@ -7,9 +7,16 @@ Files (DESIGN.md sections 2 and 5):
   created_at and format_version. Written last, so its presence means the tensors are complete.
 - `private.safetensors` (optional): the per-sample tables S_i, only useful to resume or inspect training.
 
-Compatibility rule (which side wins): H and the backbone signature must match the engine's model, or
-loading fails naming both; a different model *id* with the same signature only warns, because the same
-weights live under different paths on different machines.
+Compatibility rule (which side wins): H and the architecture part of the backbone signature must
+match the engine's model, or loading fails naming both. The weights part (a hash of a few weight
+slices, `backbone.backbone_signature`) tells a base model from its instruct sibling: other weights
+fail too, unless the user deliberately allows it (`engine.allow_other_weights`), which warns. A
+different model *id* with the same signature only warns, because the same weights live under
+different paths on different machines.
+
+BOS option (`learn.bos`): `bos_token_id` in representation.json; generation then starts every request
+with `[embed(BOS) ; D]` (the engine's own embedding of BOS), and the PEFT export bakes that embedding
+in as an extra first virtual token.
 """
 
 from __future__ import annotations
@@ -83,6 +90,12 @@ class Representation:
     @property
     def backbone(self) -> str:
         return str(self.meta.get("backbone", ""))
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        """The BOS placed before D (`learn.bos`), or None."""
+        value = self.meta.get("bos_token_id")
+        return None if value is None else int(value)
 
 
 def tensor_sha256(tensor) -> str:
@@ -218,8 +231,12 @@ def _config_hidden_size(model_config) -> Optional[int]:
     return cfg.get("hidden_size")
 
 
-def check_compatible(rep: Representation, model_config, model_id: str) -> None:
-    """Raise RepresentationMismatch unless D fits the model of `model_config` (see module docstring)."""
+def check_compatible(rep: Representation, model_config, model_id: str, signature: Optional[str] = None,
+                     allow_other_weights: bool = False) -> None:
+    """Raise RepresentationMismatch unless D fits the model of `model_config` (see module docstring).
+
+    `signature` is the engine's `backbone_signature(model_config, weights=model_id)` when it has it.
+    """
     from domino_ray.backbone import backbone_signature
 
     where = rep.uri or "representation"
@@ -230,12 +247,24 @@ def check_compatible(rep: Representation, model_config, model_id: str) -> None:
             f"{where}: D has hidden size H={rep.hidden_size} (learned on backbone {learned_on!r}) but the engine "
             f"model {model_id!r} has H={hidden}; use the backbone D was learned on, or re-run `domino learn` "
             f"with backbone.model: {model_id}")
-    signature = backbone_signature(model_config)
-    if signature != rep.meta.get("backbone_signature"):
+    signature = signature or backbone_signature(model_config, weights=model_id)
+    arch, _, weights = str(signature).partition("-")
+    saved = str(rep.meta.get("backbone_signature") or "")
+    saved_arch, _, saved_weights = saved.partition("-")
+    if arch != saved_arch:
         raise RepresentationMismatch(
             f"{where}: D was learned on backbone {learned_on!r} (signature {rep.meta.get('backbone_signature')}) "
             f"but the engine model {model_id!r} has signature {signature}: same H={hidden}, different architecture "
             f"or vocabulary; use the same backbone or re-run `domino learn`")
+    if weights and saved_weights and weights != saved_weights:
+        message = (f"{where}: D was learned on backbone {learned_on!r} (weights {saved_weights}) but the engine model "
+                   f"{model_id!r} has the same architecture with other weights ({weights}), e.g. a base model and "
+                   f"its instruct sibling")
+        if not allow_other_weights:
+            raise RepresentationMismatch(f"{message}; use the model D was learned on, re-run `domino learn` on this "
+                                         f"one, or set engine.allow_other_weights: true to use it anyway")
+        log.warning("%s; used anyway (engine.allow_other_weights is true)", message)
+        return
     if str(model_id) != learned_on:
         log.warning("representation %s was learned on %r and is used with %r: same architecture signature %s, "
                     "so this is taken as the same model under another path", where, learned_on, model_id, signature)
@@ -246,23 +275,36 @@ def export_peft_adapter(rep: Representation, out_dir: str | Path, base_model: st
     """Write D as a PEFT prompt-tuning adapter that `PeftModel.from_pretrained(base, out_dir)` loads.
 
     The adapter holds D only: a text `prefix` (rep.prefix) has no place in PEFT's format, so callers
-    must prepend it to their inputs themselves (a warning says so).
+    must prepend it to their inputs themselves (a warning says so). With the BOS option the adapter's
+    prompt is `[embed(BOS) ; D]` (P + 1 virtual tokens, BOS embedded by the base model's own module),
+    and inputs must then be tokenized without a BOS of their own.
     """
+    import torch
     from peft import PromptTuningConfig, TaskType
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prompt = rep.domain
+    if rep.bos_token_id is not None:
+        from transformers import AutoConfig
+
+        from domino_ray.engines.vllm import _load_input_embeddings
+
+        embed = _load_input_embeddings(str(base_model), AutoConfig.from_pretrained(str(base_model)), False)
+        with torch.no_grad():
+            bos = embed(torch.tensor([rep.bos_token_id])).float()
+        prompt = torch.cat([bos, rep.domain])
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=rep.num_domain_tokens,
+        num_virtual_tokens=int(prompt.shape[0]),
         token_dim=rep.hidden_size,
         num_transformer_submodules=1,  # decoder-only: one prompt table
         base_model_name_or_path=str(base_model),
         inference_mode=True,
     )
     config.save_pretrained(str(out))
-    save_file({PEFT_PROMPT_KEY: rep.domain.contiguous()}, str(out / "adapter_model.safetensors"),
+    save_file({PEFT_PROMPT_KEY: prompt.contiguous()}, str(out / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     if rep.prefix:
         log.warning("PEFT adapter in %s holds D only; prepend the text prefix %r to inputs yourself", out, rep.prefix)

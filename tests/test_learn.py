@@ -171,6 +171,8 @@ def _reference_learn(cfg, world: int, share_gradient: bool = True):
         shell = learn._Learner.__new__(learn._Learner)
         shell.cfg, shell.lc, shell.rank, shell.world, shell.model = cfg, lc, rank, world, model
         shell.device, shell.steps_per_epoch = torch.device("cpu"), steps
+        shell.payload = {"num_tokens": len(tok)}  # init draws over the real token ids
+        shell.batch_sizes = learn.epoch_batch_sizes(len(token_ids), world, lc.batch_size)  # equal on every worker
         shell.owned = [i for i in range(len(token_ids)) if i % world == rank]
         shell._setup_params()
         shells.append(shell)

@@ -172,6 +172,11 @@ class Engine(abc.ABC):
     ) -> list[RequestOutput]:
         """One output per request, in order; `sampling` is shared or one per request."""
 
+    def embed_token_ids(self, ids: Sequence[int]) -> Any:
+        """(len, H) embeddings of token ids through the model's own input-embedding module, on CPU in the
+        engine dtype (the BOS option puts `embed(BOS)` before D: `[BOS ; D ; tokens(X)]`)."""
+        raise NotImplementedError
+
     def shutdown(self) -> None:
         """Release the model and any child processes."""
 
@@ -182,11 +187,27 @@ class Engine(abc.ABC):
         self.shutdown()
 
     # -- checks shared by both engines -------------------------------------------------------------
-    def check_representation(self, rep: Any) -> None:
-        """Raise if a learned representation does not fit this engine's model (H, backbone)."""
+    def check_representation(self, rep: Any, allow_other_weights: bool = False) -> None:
+        """Raise if a learned representation does not fit this engine's model (H, architecture, weights
+        unless `allow_other_weights`)."""
         from domino_ray.representation import check_compatible
 
-        check_compatible(rep, self.model_config, self.model_id)
+        check_compatible(rep, self.model_config, self.model_id, signature=self.signature,
+                         allow_other_weights=allow_other_weights)
+
+    def soft_prompt_of(self, rep: Any, where: str = "representation") -> Any:
+        """The soft prefix that starts every request for `rep`: D, or `[embed(BOS) ; D]` with the BOS
+        option (`learn.bos`), in the engine dtype on CPU."""
+        import torch
+
+        domain = self.check_soft_prefix(rep.domain, where=where)
+        if rep.bos_token_id is None:
+            return domain
+        ours = self.tokenizer.bos_token_id
+        if ours != rep.bos_token_id:
+            log.warning("%s: D was learned after BOS id %s; this engine's tokenizer has BOS %s; using id %s",
+                        where, rep.bos_token_id, ours, rep.bos_token_id)
+        return torch.cat([self.embed_token_ids([rep.bos_token_id]), domain]).contiguous()
 
     def check_soft_prefix(self, soft_prefix: Any, where: str = "request") -> Any:
         """A (P, H) floating tensor -> a contiguous CPU tensor in the engine dtype, or EngineError."""

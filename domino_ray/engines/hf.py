@@ -162,7 +162,7 @@ class HFEngine(Engine):
         self.lora_path = lora_path
         self.model_config = self._model.config
         self.hidden_size = int(self.model_config.hidden_size)
-        self.signature = backbone_signature(self.model_config)
+        self.signature = backbone_signature(self.model_config, weights=self.model_id)
         self.dtype = self._model.dtype
         self.device = self._model.device
         self.max_model_len = int(max_model_len)
@@ -176,6 +176,14 @@ class HFEngine(Engine):
     @property
     def model(self):
         return self._model
+
+    def embed_token_ids(self, ids):
+        import torch
+
+        embed = self._model.get_input_embeddings()
+        with torch.inference_mode():
+            out = embed(torch.tensor(list(ids), dtype=torch.long, device=self.device))
+        return out.to(device="cpu", dtype=self.dtype)
 
     def generate(
         self,

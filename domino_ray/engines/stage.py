@@ -75,6 +75,7 @@ class LLMStage:
         self.input_column, self.output_column, self.seed_column = input_column, output_column, seed_column
         self.chat = bool(chat or engine_cfg.chat_template)
         self.prefix = prefix
+        self.allow_other_weights = engine_cfg.allow_other_weights
         self.domain = None
         self.representation_sha256: Optional[str] = None
         self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=representation_uri is not None,
@@ -86,9 +87,9 @@ class LLMStage:
         from domino_ray.representation import load_representation
 
         rep = load_representation(uri, _storage(storage_cfg))
-        self.engine.check_representation(rep)
-        # Cast once per actor to the engine dtype; the same tensor then starts every request.
-        self.domain = self.engine.check_soft_prefix(rep.domain, where=f"representation {uri}")
+        self.engine.check_representation(rep, allow_other_weights=self.allow_other_weights)
+        # Cast once per actor to the engine dtype; the same tensor ([BOS ;] D) then starts every request.
+        self.domain = self.engine.soft_prompt_of(rep, where=f"representation {uri}")
         self.representation_sha256 = rep.sha256
         trained_prefix = rep.prefix or ""
         if self.prefix and trained_prefix and self.prefix != trained_prefix:

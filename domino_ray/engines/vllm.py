@@ -101,7 +101,7 @@ class VLLMEngine(Engine):
         self.dtype = resolve_dtype(dtype, "cpu" if self.on_cpu else "cuda")
         self.model_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.hidden_size = int(self.model_config.hidden_size)
-        self.signature = backbone_signature(self.model_config)
+        self.signature = backbone_signature(self.model_config, weights=self.model_id)
         self.max_model_len = int(max_model_len)
         self.soft_prompt = bool(soft_prompt)
         self.lora_path = lora_path
@@ -126,8 +126,8 @@ class VLLMEngine(Engine):
         self._llm = LLM(**kwargs)
         self._embedding = _load_input_embeddings(self.model_id, self.model_config, trust_remote_code) \
             if self.soft_prompt else None
-        if self._embedding is not None and self._embedding.shape[1] != self.hidden_size:
-            raise EngineError(f"{self.model_id}: input embedding width {self._embedding.shape[1]} != hidden size "
+        if self._embedding is not None and self._embedding.weight.shape[1] != self.hidden_size:
+            raise EngineError(f"{self.model_id}: input embedding width {self._embedding.weight.shape[1]} != hidden size "
                               f"{self.hidden_size}; prompt-embeds requests cannot be built for this model")
         self._torch = torch
         log.info("vllm engine: %s (%s, %s, prompt_embeds=%s, prefix_caching=%s)%s ready in %.1fs", self.model_id,
@@ -174,7 +174,18 @@ class VLLMEngine(Engine):
     def _prompt(self, p: PreparedRequest) -> dict[str, Any]:
         if p.soft_prefix is None:
             return {"prompt_token_ids": p.token_ids}
-        return {"prompt_embeds": self.embed_prompt(p, lambda ids: self._embedding[ids])}
+        return {"prompt_embeds": self.embed_prompt(p, self._embed_ids)}
+
+    def _embed_ids(self, ids):
+        """Token embeddings through the model's own input-embedding module (Gemma scales by sqrt(H) there)."""
+        with self._torch.inference_mode():
+            return self._embedding(ids)
+
+    def embed_token_ids(self, ids):
+        if self._embedding is None:
+            raise EngineError("this vllm engine was built without soft-prompt support; build it with "
+                              "build_engine(..., soft_prompt=True)")
+        return self._embed_ids(self._torch.tensor(list(ids), dtype=self._torch.long)).to(self.dtype)
 
     def _sampling(self, sp: SamplingParams):
         from vllm import SamplingParams as VSamplingParams
@@ -216,10 +227,11 @@ def _model_dir(model_id: str) -> Path:
 
 
 def _load_input_embeddings(model_id: str, model_config, trust_remote_code: bool):
-    """The input embedding table (V, H) on CPU, read alone from the safetensors files.
+    """The model's input-embedding module on CPU (its class, so any scaling inside it is kept: Gemma
+    multiplies by sqrt(H)), with the table read alone from the safetensors files.
 
     Loading the whole model a second time next to vLLM would double host memory for a 7B model; the
-    table is the only part prompt-embeds requests need. Falls back to a full CPU load when the weight
+    module is the only part prompt-embeds requests need. Falls back to a full CPU load when the weight
     name cannot be found (unusual checkpoint layouts).
     """
     import torch
@@ -228,9 +240,8 @@ def _load_input_embeddings(model_id: str, model_config, trust_remote_code: bool)
 
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    weight = meta.get_input_embeddings().weight
-    name = next(n for n, p in meta.named_parameters() if p is weight)
-    del meta
+    module = meta.get_input_embeddings()
+    name = next(n for n, p in meta.named_parameters() if p is module.weight)
     directory = _model_dir(model_id)
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -240,10 +251,14 @@ def _load_input_embeddings(model_id: str, model_config, trust_remote_code: bool)
     for key in (name, name.removeprefix("model."), f"model.{name}"):
         if key in weight_map:
             with safe_open(str(directory / weight_map[key]), framework="pt") as f:
-                return f.get_tensor(key)
+                table = f.get_tensor(key)
+            module.to_empty(device="cpu")
+            meta._init_weights(module)  # the module's buffers (e.g. Gemma's embed_scale), as from_pretrained sets them
+            module.weight = torch.nn.Parameter(table, requires_grad=False)
+            return module.eval()
     log.warning("input embeddings %r not found by name in %s; loading the full model on CPU", name, directory)
     full = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    return full.get_input_embeddings().weight.detach().clone()
+    return full.get_input_embeddings().requires_grad_(False).eval()
 
 
 def _keys(path: Path) -> list[str]:

@@ -19,7 +19,8 @@ import numpy as np
 
 from domino_ray import schema
 from domino_ray.synthesize import blocks, filters
-from domino_ray.synthesize.judge import fill_template, judge_verdict, parse_judge_score
+from domino_ray.synthesize.judge import (expected_grade, fill_template, grade_token_ids, judge_verdict,
+                                        parse_judge_score, rubric_grades)
 from domino_ray.synthesize.metrics import SynthMetrics
 from domino_ray.synthesize.records import batch_to_rows, rows_to_batch, rows_to_table, utc_now, write_table
 from domino_ray.synthesize.verdicts import RejectRules, first_failure
@@ -115,6 +116,10 @@ class _LLMRole:
             batch[_PROMPT] = np.asarray(prompts, dtype=object)
         return batch
 
+    def _answers(self, rows: list[dict]) -> list[dict]:
+        """One answer per row (the LLMStage output columns)."""
+        return batch_to_rows(self.llm(self._request_batch(rows)))
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _require(self, batch, self.inputs + (SEED_COLUMNS[self.role],))
         rows = batch_to_rows(batch)
@@ -123,7 +128,7 @@ class _LLMRole:
                 r.setdefault(c, None)
         todo = [i for i, r in enumerate(rows) if self.wants(r)]
         if todo:
-            answers = batch_to_rows(self.llm(self._request_batch([rows[i] for i in todo])))
+            answers = self._answers([rows[i] for i in todo])
             if len(answers) != len(todo):
                 raise RuntimeError(f"{type(self).__name__}: engine returned {len(answers)} rows for {len(todo)} requests")
             prompt_tokens = completion_tokens = 0
@@ -214,20 +219,64 @@ class TestsStage(_LLMRole):
 
 
 class JudgeStage(_LLMRole):
-    """LLM grade of draft + response with the configured rubric, parsed by `judge.parse_judge_score`."""
+    """LLM grade of draft + response with the configured rubric.
+
+    method `probability` (the config's default): the expected grade over the grade tokens 1..scale_max from one
+    forward pass of `[rubric (chat template) ; answer_prefix]` (`judge.expected_grade`); `judge_raw`
+    holds the grade distribution as JSON. method `text`: the judge writes an answer, parsed by
+    `judge.parse_judge_score`.
+    """
 
     role, output, after = "judge", "judge_raw", "respond"
     inputs = ("draft", "draft_finish_reason", "response")
     columns = ("judge_raw", "judge_score", "judge_error", "judge_tokens", "judge_prompt_tokens")
 
+    def __init__(self, *, method: str = "text", answer_prefix: str = "Score: ", **kwargs: Any):
+        # the plan passes judge.method (default probability); direct callers get the text judge they knew
+        super().__init__(**kwargs)
+        if method not in ("probability", "text"):
+            raise ValueError(f"judge method {method!r}: use probability or text")
+        self.method = method
+        if method == "probability":
+            tok = self.llm.engine.tokenizer
+            self.grades = rubric_grades(self.options["scale_max"])
+            self._prefix_ids, self._grade_ids = grade_token_ids(
+                lambda text: list(tok(text, add_special_tokens=False)["input_ids"]), answer_prefix, self.grades)
+
     def prompt(self, row: dict) -> str:
         return fill_template(self.options["rubric"], draft=row.get("draft") or "", response=row.get("response") or "")
 
+    def _answers(self, rows: list[dict]) -> list[dict]:
+        if self.method == "text":
+            return super()._answers(rows)
+        import json
+
+        from domino_ray.engines import GenerationRequest
+        from domino_ray.synthesize.nexttoken import next_token_logprobs
+
+        engine = self.llm.engine
+        prompts = [engine.encode_request(GenerationRequest(text=self.prompt(r), chat=self.llm.chat)) + self._prefix_ids
+                   for r in rows]
+        fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_model_len]
+        logprobs = next_token_logprobs(engine, [prompts[i] for i in fits], self._grade_ids)
+        answers = [{"judge_raw": "", "judge_score": None, "judge_raw_tokens": 0, "judge_raw_prompt_tokens": len(p),
+                    "judge_error": f"judge prompt of {len(p)} tokens does not fit max_model_len={engine.max_model_len}"}
+                   for p in prompts]
+        for i, lp in zip(fits, logprobs):
+            score, detail = expected_grade(lp, self.grades)
+            answers[i].update(judge_raw=json.dumps({"method": "probability", **detail}), judge_score=score,
+                              judge_error=None if score is not None else "no grade token among the judge's most "
+                                                                         "likely next tokens")
+        return answers
+
     def take(self, row: dict, answer: dict) -> None:
         raw = answer.get("judge_raw")
-        parsed = parse_judge_score(raw, self.options["scale_max"])
+        if self.method == "probability":
+            row["judge_score"], row["judge_error"] = answer.get("judge_score"), answer.get("judge_error")
+        else:
+            parsed = parse_judge_score(raw, self.options["scale_max"])
+            row["judge_score"], row["judge_error"] = parsed.score, parsed.error
         row["judge_raw"] = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
-        row["judge_score"], row["judge_error"] = parsed.score, parsed.error
         row["judge_tokens"] = answer.get("judge_raw_tokens")
         row["judge_prompt_tokens"] = answer.get("judge_raw_prompt_tokens")
 
