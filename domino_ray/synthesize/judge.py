@@ -1,6 +1,18 @@
-"""Judge prompts and robust parsing of the judge's grade (DESIGN.md section 4, stage 3). Pure Python.
+"""Judge prompts, the probability grade and robust parsing of a text grade (DESIGN.md section 4,
+stage 3). Pure Python.
 
-A judge answer is free text from a small model, so the parser takes the forms models actually write
+Two methods:
+
+- `probability` (default): the judge reads the rubric, its answer is pre-filled with the answer prefix
+  ("Score: "), and one forward pass gives the next-token distribution. The grade is the expected grade
+  over the rubric's grade tokens `1..scale_max`, renormalised over those tokens:
+  `E[g] = sum_g g * p(g) / sum_g p(g)`. It is a number for every answer a model can give (small models
+  rarely write a parsable format; they always have a distribution), and it is smoother than the argmax.
+  Engines that return only the top-k tokens (vLLM `logprobs`) give no probability for grades outside
+  the top k; those count as 0. Only when no grade token is among them is the row unparsed.
+- `text`: the judge writes an answer and the parser below reads it.
+
+A text judge answer is free text from a small model, so the parser takes the forms models actually write
 and turns everything else into data, never an exception. Rules, in order:
 
 1. JSON object anywhere in the text with a `score` key (any case): `{"score": 7}`, `{"Score": "7.5"}`.
@@ -24,7 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["JudgeVerdict", "parse_judge_score", "judge_verdict", "fill_template"]
+__all__ = ["JudgeVerdict", "parse_judge_score", "judge_verdict", "fill_template", "rubric_grades",
+           "grade_token_ids", "expected_grade"]
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
 # `**Score**: 7`, `Score - 7`, `rating=7/10`; markdown emphasis and punctuation between label and number.
@@ -144,3 +157,57 @@ def judge_verdict(score: Optional[float], threshold: float) -> str:
     if score is None:
         return "unparsed"
     return "pass" if passes_threshold(score, threshold) else "below_threshold"
+
+
+# ------------------------------------------------------------------------------- probability judge
+def rubric_grades(scale_max: float) -> list[int]:
+    """The grades a probability judge weighs: the integers 1..scale_max."""
+    if scale_max != int(scale_max) or scale_max < 2:
+        raise ValueError(f"judge.scale_max is {scale_max:g}: the probability judge needs an integer scale "
+                         f">= 2 (its grades are the tokens 1..scale_max)")
+    return list(range(1, int(scale_max) + 1))
+
+
+def grade_token_ids(encode, answer_prefix: str, grades: list[int]) -> tuple[list[int], list[int]]:
+    """(prefix token ids, one token id per grade) such that `prefix ids + [grade id]` is how the
+    tokenizer writes `answer_prefix + str(grade)`.
+
+    `encode(text) -> list[int]` is the tokenizer without special tokens. Tokenizers split differently
+    (SmolLM2 writes "Score: 7" as `Score`, `:`, ` `, `7`; a byte-level BPE may write `Score`, `:`, ` 7`),
+    so the prefix is tried as given and with its trailing space removed. A grade that is more than one
+    token (SmolLM2 writes 10 as `1`, `0`) cannot be read from one next-token distribution: that is an
+    error naming the grade and the fix.
+    """
+    tried = []
+    for prefix in dict.fromkeys([answer_prefix, answer_prefix.rstrip()]):
+        head = encode(prefix)
+        ids, bad = [], []
+        for g in grades:
+            full = encode(answer_prefix + str(g))  # the text is always prefix + grade; only the split varies
+            if full[:len(head)] == head and len(full) == len(head) + 1:
+                ids.append(full[-1])
+            else:
+                bad.append(g)
+        if not bad and len(set(ids)) == len(ids):
+            return head, ids
+        tried.append(f"prefix {prefix!r}: grades {bad or 'with shared tokens'} are not one token each")
+    raise ValueError(f"probability judge: the tokenizer cannot write every grade 1..{grades[-1]} as one token after "
+                     f"the answer prefix ({'; '.join(tried)}); use a smaller judge.scale_max (e.g. 5) or "
+                     f"judge.method: text")
+
+
+def expected_grade(logprobs: list[Optional[float]], grades: list[int]) -> tuple[Optional[float], dict[str, Any]]:
+    """Expected grade from the next-token log-probabilities of the grade tokens (None = the engine did
+    not return that token: probability 0). Returns (grade or None when no grade has a probability,
+    details: the renormalised probabilities and the mass the grade tokens held before renormalising)."""
+    if len(logprobs) != len(grades):
+        raise ValueError(f"{len(logprobs)} log-probabilities for {len(grades)} grades")
+    known = [(g, lp) for g, lp in zip(grades, logprobs) if lp is not None and not math.isnan(lp)]
+    if not known:
+        return None, {"mass": 0.0, "p": {}}
+    top = max(lp for _, lp in known)
+    weights = [(g, math.exp(lp - top)) for g, lp in known]  # stable: the largest weight is 1
+    total = sum(w for _, w in weights)
+    probs = {str(g): w / total for g, w in weights}
+    mass = math.exp(top) * total
+    return sum(g * w for g, w in weights) / total, {"mass": mass, "p": probs}
