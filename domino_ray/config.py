@@ -238,6 +238,9 @@ class SynthesizeConfig(_Section):
     judge: JudgeStageConfig = Field(default_factory=JudgeStageConfig, description="Judge stage.")
     execute: ExecuteStageConfig = Field(default_factory=ExecuteStageConfig, description="Execute stage.")
     filter: FilterStageConfig = Field(default_factory=FilterStageConfig, description="Filter stage.")
+    fit_cpus: bool = Field(True, description="When the pools' min_actors x num_cpus (+ 0.2 for the seed and writer tasks) exceed the CPUs of a cluster that cannot grow, scale every pool's num_cpus by one factor so they fit (logged). false = refuse with the arithmetic. Actor CPUs are scheduling labels here, not thread limits.")
+    cluster_can_grow: Literal["auto", "yes", "no"] = Field("auto", description="Whether an autoscaler can add nodes: then a short cluster is waited for (status logged, resource_wait_s deadline) instead of fitted or refused. auto = yes when joining a cluster through RAY_ADDRESS, no for the local one.")
+    resource_wait_s: float = Field(600.0, ge=0, description="How long to wait for an autoscaler to provide the pools' resources before failing with the arithmetic.")
 
     @model_validator(mode="after")
     def _stage_combinations(self) -> "SynthesizeConfig":

@@ -64,10 +64,13 @@ class SynthPaths:
 
 
 # ----------------------------------------------------------------------------------- fingerprint
+_SCHEDULING = ("pool", "fit_cpus", "cluster_can_grow", "resource_wait_s")  # where and when, not what
+
+
 def _without_pools(section: Any) -> Any:
     """Actor-pool sizes change speed, not records: a restart with more actors must still resume."""
     if isinstance(section, dict):
-        return {k: _without_pools(v) for k, v in section.items() if k != "pool"}
+        return {k: _without_pools(v) for k, v in section.items() if k not in _SCHEDULING}
     return section
 
 
@@ -195,22 +198,24 @@ def _claim_output(storage: Storage, paths: SynthPaths, fingerprint: str, parts: 
 
 
 # ------------------------------------------------------------------------------------- the plan
-def _pool_args(pool) -> dict[str, Any]:
+def _pool_args(pool, num_cpus: Optional[float] = None) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
-    args: dict[str, Any] = {"batch_size": pool.batch_size, "num_cpus": pool.num_cpus,
+    args: dict[str, Any] = {"batch_size": pool.batch_size, "num_cpus": pool.num_cpus if num_cpus is None else num_cpus,
                             "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)}
     if pool.num_gpus:
         args["num_gpus"] = pool.num_gpus
     return args
 
 
-def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, paths: SynthPaths):
-    """The lazy Ray Data plan over the block ids in `todo` (DESIGN section 2's diagram, in code)."""
+def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, paths: SynthPaths, plan=None):
+    """The lazy Ray Data plan over the block ids in `todo` (DESIGN section 2's diagram, in code).
+    `plan` (a resources.ResourcePlan) gives each pool the CPUs to request; default: as configured."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from domino_ray.synthesize import stages
+    from domino_ray.synthesize.resources import cpus_for
 
     syn = cfg.synthesize
     rules = vars(RejectRules.from_config(syn))
@@ -226,7 +231,8 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
 
     def llm(ds, cls, stage_cfg, **extra):
         kwargs = {**common, "engine_cfg": stage_cfg.engine.model_dump(), "sampling": stage_cfg.sampling.model_dump(), **extra}
-        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy", **_pool_args(stage_cfg.pool))
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy",
+                              **_pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus)))
 
     ds = llm(ds, stages.DraftStage, syn.draft, soft_prompt=syn.draft.enabled,
              representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt,
@@ -241,12 +247,14 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
     if syn.execute.enabled:
         from domino_ray.remote import sandbox_remote_args  # untrusted code: sandbox-capable nodes only
 
-        ds = ds.map_batches(stages.ExecuteStage, batch_format="numpy", **_pool_args(syn.execute.pool),
+        ds = ds.map_batches(stages.ExecuteStage, batch_format="numpy",
+                            **_pool_args(syn.execute.pool, cpus_for(plan, "execute", syn.execute.pool.num_cpus)),
                             **sandbox_remote_args(syn.execute.pool),
                             fn_constructor_kwargs={"sandbox_cfg": cfg.section_dict("sandbox"), "run": cfg.run.name,
                                                    "rules": rules})
     if syn.filter.enabled:
-        ds = ds.map_batches(stages.RowFilterStage, batch_format="numpy", **_pool_args(syn.filter.pool),
+        ds = ds.map_batches(stages.RowFilterStage, batch_format="numpy",
+                            **_pool_args(syn.filter.pool, cpus_for(plan, "filter", syn.filter.pool.num_cpus)),
                             fn_constructor_kwargs={"filter_cfg": syn.filter.model_dump(), "run": cfg.run.name,
                                                    "respond_enabled": syn.respond.enabled,
                                                    "references": cfg.section_dict("references") if syn.filter.novelty else None,
@@ -261,23 +269,34 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
                                                  "rules": rules})
 
 
-def _check_resources(cfg: DominoConfig) -> None:
-    """Warn when the pools cannot all reach min_actors on this cluster: Ray Data would wait forever."""
+def _resource_plan(cfg: DominoConfig):
+    """Add the pools up against the cluster before any actor starts (synthesize/resources.py): run,
+    fit the CPUs, wait for an autoscaler (with a deadline) or refuse with the arithmetic."""
+    import os
+
     import ray
 
+    from domino_ray.synthesize.resources import ResourceShortage, plan_resources, pool_needs
+
     syn = cfg.synthesize
-    pools = [("draft", syn.draft.pool, True), ("respond", syn.respond.pool, syn.respond.enabled),
-             ("tests", syn.respond.pool, syn.respond.enabled and syn.respond.write_tests),
-             ("judge", syn.judge.pool, syn.judge.enabled), ("execute", syn.execute.pool, syn.execute.enabled),
-             ("filter", syn.filter.pool, syn.filter.enabled)]
-    need_cpu = 0.3 + sum(p.min_actors * p.num_cpus for _, p, on in pools if on)  # + writer and seed tasks
-    need_gpu = sum(p.min_actors * p.num_gpus for _, p, on in pools if on)
-    have = ray.cluster_resources()
-    for kind, need, key in (("CPUs", need_cpu, "CPU"), ("GPUs", need_gpu, "GPU")):
-        if need > have.get(key, 0.0) + 1e-9:
-            log.warning("synthesize: the actor pools need %.2f %s at min_actors but the cluster has %.2f; the job "
-                        "waits until the cluster grows. Lower synthesize.*.pool.min_actors or num_%s.",
-                        need, kind, have.get(key, 0.0), key.lower())
+    can_grow = syn.cluster_can_grow == "yes" or (syn.cluster_can_grow == "auto" and bool(os.environ.get("RAY_ADDRESS")))
+    needs = pool_needs(syn)
+    deadline = time.time() + syn.resource_wait_s
+    while True:
+        have = ray.cluster_resources()
+        plan = plan_resources(needs, have.get("CPU", 0.0), have.get("GPU", 0.0), can_grow, syn.fit_cpus)
+        if plan.action == "ok":
+            log.info("%s", plan.message)
+            return plan
+        if plan.action == "fit":
+            log.warning("%s", plan.message)
+            return plan
+        left = deadline - time.time()
+        if left <= 0:
+            raise ResourceShortage(f"{plan.message}; gave up after {syn.resource_wait_s:g} s "
+                                   f"(synthesize.resource_wait_s). Lower the pools' min_actors or add nodes")
+        log.warning("%s; %.0f s left before giving up (synthesize.resource_wait_s)", plan.message, left)
+        time.sleep(min(10.0, left))
 
 
 def _stream(ds, todo: list[int], total_blocks: int, num_samples: int) -> dict[str, Any]:
@@ -356,8 +375,8 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
         ensure_ray()
         gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None, "steady_samples_per_second": None}
         if todo:
-            _check_resources(cfg)
-            gen = _stream(build_synthesis_plan(cfg, todo, inputs, paths), todo, total, syn.num_samples)
+            plan = _resource_plan(cfg)
+            gen = _stream(build_synthesis_plan(cfg, todo, inputs, paths, plan), todo, total, syn.num_samples)
         counts = _finalize(cfg, paths)
         if counts["rows"] != syn.num_samples:
             raise RuntimeError(f"synthesize: {counts['rows']} records for {syn.num_samples} seeds; the work files are "
