@@ -122,6 +122,32 @@ def test_vllm_drafts_and_export(ray_cluster, tiny_model_dir, references_file, tm
                                  {"role": "assistant", "content": kept["response"]}]
 
 
+def _process_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped writing
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _wait_until_the_killed_jobs_actors_are_gone(deadline_s: float = 180) -> None:
+    """Ray reaps the actors of a dead driver's job; poll until every non-detached actor of another job
+    is DEAD and its process has exited (a writer still running could land one more block)."""
+    import ray
+    import ray._private.state
+
+    me = ray.get_runtime_context().get_job_id()
+    deadline = time.time() + deadline_s
+    while True:
+        others = [a for a in ray._private.state.actors().values() if a["JobID"] != me and not a["IsDetached"]]
+        alive = [a["ActorClassName"] for a in others if a["State"] != "DEAD"]
+        running = [a["ActorClassName"] for a in others if a.get("Pid") and _process_running(int(a["Pid"]))]
+        if not alive and not running:
+            return
+        assert time.time() < deadline, f"actors of the killed job still there after {deadline_s} s: {alive or running}"
+        time.sleep(0.2)
+
+
 def test_resume_after_driver_sigkill(ray_cluster, tiny_model_dir, references_file, tmp_path):
     root = tmp_path / "run"
     make_representation(tiny_model_dir, str(root))
@@ -146,7 +172,7 @@ def test_resume_after_driver_sigkill(ray_cluster, tiny_model_dir, references_fil
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait()
-    time.sleep(3)  # the dead driver's actors are reaped by Ray; a block already being renamed lands now
+    _wait_until_the_killed_jobs_actors_are_gone()  # after that, no block of the killed run can still land
     before = {p.name: p.stat().st_mtime_ns for p in work.glob("part-*.parquet")}
     total = blocks.num_blocks(n, bs)
     assert 0 < len(before) < total, f"kill was not part-way: {len(before)} of {total} blocks"
