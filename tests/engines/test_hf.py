@@ -206,3 +206,81 @@ def test_representation_checks_name_h_and_backbone(hf_engine, soft_prefix, tmp_p
     save_representation(str(tmp_path / "arch"), soft_prefix, {"backbone": "some/other-256", "backbone_signature": "0" * 16})
     with pytest.raises(RepresentationMismatch, match="some/other-256"):
         hf_engine.check_representation(load_representation(str(tmp_path / "arch")))
+
+
+def greedy_by_hand(model, soft, ids, steps, lead=()):
+    """Greedy tokens of `[lead ; soft ; ids]` from plain full forwards of the model, built here from its
+    own input-embedding module: no engine code involved."""
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        parts = [emb(torch.tensor(list(lead), dtype=torch.long))] if lead else []
+        seq = torch.cat(parts + [soft.float(), emb(torch.tensor(ids, dtype=torch.long))]) if ids else \
+            torch.cat(parts + [soft.float()])
+        out = []
+        for _ in range(steps):
+            token = int(model(inputs_embeds=seq[None]).logits[0, -1].argmax())
+            out.append(token)
+            seq = torch.cat([seq, emb(torch.tensor([token]))])
+    return out
+
+
+@pytest.mark.parametrize("ids", [[202, 262, 300], []], ids=["soft+ids", "soft-only"])
+def test_prompt_layout_is_soft_prefix_then_tokens_against_a_hand_built_forward(hf_engine, soft_prefix, ids):
+    """`[D ; ids]`, not `[ids ; D]`: the engine's greedy tokens equal a loop of full forwards on
+    `cat([D, embed(ids)])` built from the model's embedding module (planted bug 1 of issue 16)."""
+    request = Req(soft_prefix=soft_prefix, token_ids=ids) if ids else Req(soft_prefix=soft_prefix)
+    got = hf_engine.generate([request], SP(temperature=0.0, max_tokens=12))[0].completions[0].token_ids
+    expected = greedy_by_hand(hf_engine.model, soft_prefix, ids, 12)
+    assert got == expected[:len(got)] and (len(got) == 12 or got[-1] == hf_engine.tokenizer.eos_token_id)
+
+
+def test_bos_option_starts_requests_with_the_engines_own_bos_embedding(hf_engine, soft_prefix, tmp_path):
+    from domino_ray.backbone import backbone_signature
+    from domino_ray.representation import load_representation, save_representation
+
+    bos = hf_engine.tokenizer.bos_token_id
+    meta = {"backbone": hf_engine.model_id, "backbone_signature": backbone_signature(hf_engine.model_config),
+            "bos_token_id": bos}
+    save_representation(str(tmp_path / "bos"), soft_prefix, meta)
+    rep = load_representation(str(tmp_path / "bos"))
+    prompt = hf_engine.soft_prompt_of(rep)
+    assert prompt.shape == (soft_prefix.shape[0] + 1, soft_prefix.shape[1])
+    got = hf_engine.generate([Req(soft_prefix=prompt, token_ids=[202])], SP(temperature=0.0, max_tokens=10))
+    expected = greedy_by_hand(hf_engine.model, soft_prefix, [202], 10, lead=(bos,))
+    ids = got[0].completions[0].token_ids
+    assert ids == expected[:len(ids)]
+    emb = hf_engine.model.get_input_embeddings()
+    torch.testing.assert_close(prompt[0], emb(torch.tensor([bos]))[0].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(prompt[1:], soft_prefix, rtol=0, atol=0)
+
+
+def test_base_and_instruct_weights_are_told_apart_unless_allowed(hf_engine, soft_prefix, tmp_path, caplog):
+    """Same architecture, other weights (a base model and its fine-tuned sibling): refused by default,
+    a warning with engine.allow_other_weights."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from domino_ray.backbone import backbone_signature
+    from domino_ray.representation import RepresentationMismatch, load_representation, save_representation
+
+    sibling = tmp_path / "instruct"
+    model = AutoModelForCausalLM.from_pretrained(hf_engine.model_id, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # "fine-tuned": every weight moved a little
+    model.save_pretrained(sibling)
+    bf16_copy = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(hf_engine.model_id, dtype=torch.bfloat16).save_pretrained(bf16_copy)
+
+    ours = backbone_signature(hf_engine.model_config, weights=hf_engine.model_id)
+    theirs = backbone_signature(model.config, weights=sibling)
+    assert ours.split("-")[0] == theirs.split("-")[0] and ours != theirs
+    assert backbone_signature(model.config, weights=bf16_copy) == ours  # same weights, other dtype: same
+    save_representation(str(tmp_path / "rep"), soft_prefix, {"backbone": str(sibling), "backbone_signature": theirs})
+    rep = load_representation(str(tmp_path / "rep"))
+    with pytest.raises(RepresentationMismatch, match="other weights.*allow_other_weights"):
+        hf_engine.check_representation(rep)
+    with caplog.at_level(logging.WARNING, logger="domino_ray.representation"):
+        hf_engine.check_representation(rep, allow_other_weights=True)
+    assert any("used anyway" in r.message for r in caplog.records)
