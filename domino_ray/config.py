@@ -353,6 +353,7 @@ class StudyConfig(_Section):
         default_factory=lambda: list(STUDY_ARMS),
         description="Arms of `domino study`, each a sub-run under <run.output>/arms/<arm> with the same references, seeds, sample and fine-tuning budget: domino (lambda 1), l1-only (lambda 0), few-shot (instruct model shown few_shot_k references, no soft prompt), no-prompt (bare model), reference-sft (fine-tune on the references alone).")
     few_shot_k: int = Field(3, ge=1, description="References shown per few-shot draft prompt; more examples = more on-domain drafts but longer prompts (and more copying).")
+    few_shot_chat: bool = Field(True, description="Wrap the few-shot prompt in the draft tokenizer's chat template (an instruct model, what a user would try first); false = plain text continuation (base models).")
     lambda_domino: float = Field(1.0, ge=0, description="lambda of the domino arm (l1-only is always 0).")
 
 

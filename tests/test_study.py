@@ -122,3 +122,97 @@ def test_few_shot_prompts_are_seeded_per_draft_and_show_k_examples():
         assert p.startswith("Examples:\n### Example 1\n") and p.endswith("\nNew one:")
     assert len(set(prompts)) > 1  # different drafts see different examples
     assert len(few_shot_examples(TEXTS[:2], 5, 0, 0)) == 2
+
+
+# ------------------------------------------------------------------------------------ arm configs
+def study_cfg(model_dir: Path, output: str, **sections):
+    data = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    data["backbone"] = {"model": str(model_dir)}
+    data["run"]["output"] = output
+    data["references"] = {"source": "humaneval:0:12", "holdout": 4}
+    for name, over in sections.items():
+        data[name] = {**data.get(name, {}), **over}
+    return config_from_dict(data)
+
+
+def test_every_arm_shares_references_seeds_and_budgets_and_differs_only_where_it_should(tiny_model_dir, tmp_path):
+    from domino_ray.pipeline import stage_fingerprints
+    from domino_ray.study import arm_config, base_config
+
+    cfg = study_cfg(tiny_model_dir, str(tmp_path), study={"few_shot_k": 2, "lambda_domino": 0.5})
+    arms = {a: arm_config(cfg, a) for a in cfg.study.arms}
+    for arm, c in arms.items():
+        assert c.run.output == str(tmp_path / "arms" / arm)
+        assert (c.run.name, c.run.seed, c.references, c.synthesize.num_samples) == \
+               (cfg.run.name, cfg.run.seed, cfg.references, cfg.synthesize.num_samples)
+        assert (c.finetune.epochs, c.finetune.lr, c.evaluate.benchmark) == (cfg.finetune.epochs, cfg.finetune.lr, cfg.evaluate.benchmark)
+        assert not c.report.enabled and not c.evaluate.compare_base  # one base evaluation, one study report
+    assert arms["domino"].learn.lambda_ == 0.5 and arms["l1-only"].learn.lambda_ == 0.0
+    assert arms["few-shot"].synthesize.draft.few_shot == 2 and arms["few-shot"].synthesize.draft.engine.chat_template
+    assert not arms["no-prompt"].synthesize.draft.enabled and arms["no-prompt"].synthesize.draft.few_shot == 0
+    assert arms["reference-sft"].finetune.data == "references"
+    storage = Storage()
+    stages = {a: list(stage_fingerprints(c, storage)) for a, c in arms.items()}
+    tail = ["finetune", "evaluate_finetuned", "heldout_nll_finetuned"]
+    assert stages["domino"] == stages["l1-only"] == ["learn", "synthesize", *tail]
+    assert stages["few-shot"] == stages["no-prompt"] == ["synthesize", *tail]  # no soft prompt, no learn
+    assert stages["reference-sft"] == tail
+    assert list(stage_fingerprints(base_config(cfg), storage)) == ["evaluate_base", "heldout_nll_base"]
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_reduced_study_end_to_end(tiny_model_dir, tmp_path, ray_cluster):
+    """Base + three arms that cover every code path (learn and the soft prompt; few-shot prompts,
+    i.e. drafts without D; SFT on the references alone), tiny budgets; then a re-run skips it all."""
+    from domino_ray.evaluate.nll import encode_heldout, heldout_texts
+    from domino_ray.study import run_study
+
+    cfg = study_cfg(tiny_model_dir, str(tmp_path / "study"),
+                    # the tiny model is no instruct model: in a chat it answers nothing, so it continues plain text
+                    study={"arms": ["domino", "few-shot", "reference-sft"], "few_shot_k": 2, "few_shot_chat": False},
+                    synthesize={"num_samples": 4, "block_size": 4},
+                    finetune={"lr": 5e-3},
+                    evaluate={"benchmark": "humaneval:100:101", "num_samples": 2, "k": [1, 2],
+                              "sampling": {"temperature": 0.8, "max_tokens": 16}})
+    out = run_study(cfg, print_summary=False)
+    runs = out["runs"]
+    assert list(runs) == ["base", "domino", "few-shot", "reference-sft"]
+    assert all(r["status"] == "completed" for r in runs.values()), {k: r.get("error") for k, r in runs.items()}
+    for arm in ("domino", "few-shot"):
+        assert runs[arm]["records"] == 4 and runs[arm]["accepted"] is not None
+    assert runs["reference-sft"]["records"] is None and runs["reference-sft"]["finetune_examples"] == 8
+
+    # the held-out NLL the study reports, recomputed by hand: base, and base + reference-SFT adapter
+    from peft import PeftModel
+
+    from domino_ray.backbone import load_backbone
+
+    texts, _ = heldout_texts(cfg)
+    assert len(texts) == 4
+    model, tok = load_backbone(str(tiny_model_dir), device="cpu")
+    context, targets = encode_heldout(texts, tok, cfg.references.max_tokens)
+    base = sum(hand_nll(model, context, t) for t in targets) / len(targets)
+    assert runs["base"]["heldout_nll"] == pytest.approx(base, rel=1e-4)
+    tuned = PeftModel.from_pretrained(model, str(tmp_path / "study" / "arms" / "reference-sft" / "finetune" / "adapter")).eval()
+    expected = sum(hand_nll(tuned, context, t) for t in targets) / len(targets)
+    assert runs["reference-sft"]["heldout_nll"] == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx(base, rel=1e-6)  # the adapter was applied
+    for r in runs.values():
+        assert set(r["pass_at_k"]) == {"pass@1", "pass@2"} and r["n"] == 2
+
+    study = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert study["status"] == "completed" and study["runs"]["domino"]["heldout_nll"] == runs["domino"]["heldout_nll"]
+    html = (tmp_path / "study" / "report" / "study.html").read_text()
+    md = (tmp_path / "study" / "report" / "study.md").read_text()
+    assert (tmp_path / "study" / "report" / "study.png").stat().st_size > 1000
+    table = md.split("## Study: every arm, every metric", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["base model", "domino", "few-shot", "reference-sft",
+                                                                        "held-out (real)"]
+    assert f"{runs['base']['heldout_nll']:.3f}" in lines[1] and f"{runs['reference-sft']['heldout_nll']:.3f}" in lines[4]
+    assert "MMD²" in lines[0] and "8-gram overlap" in lines[0] and "pass@2" in lines[0]
+    assert all(arm in html for arm in ("domino", "few-shot", "reference-sft")) and "data:image/png;base64," in html
+
+    again = run_study(cfg, print_summary=False, report=False)  # every arm reuses what it finished
+    assert all(info["status"] == "skipped" for r in again["runs"].values() for info in r["stages"].values())

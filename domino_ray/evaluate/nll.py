@@ -156,7 +156,7 @@ def run_heldout_nll(cfg: DominoConfig, model: str, lora: Optional[str] = None, n
                "seconds": round(time.time() - t0, 1)}
     storage.write_json(join_uri(cfg.run.output, "eval", name, NLL_FILE), summary)
     RunManifest(storage, cfg.run.output).update_stage(
-        f"heldout_nll:{name}", "completed", **{k: v for k, v in summary.items() if k != "per_sample"})
+        f"heldout_nll:{name}", "completed", **{k: v for k, v in summary.items() if k not in ("per_sample", "name")})
     log.info("heldout NLL of %s%s: %.4f nats/token per sample (%d samples, %d tokens) in %.0fs", model,
              f" + {lora}" if lora else "", summary["nll"], summary["num_samples"], summary["tokens"], summary["seconds"])
     return summary

@@ -12,7 +12,7 @@ import numpy as np
 
 from domino_ray import metrics
 from domino_ray.config import ReportConfig
-from domino_ray.report.load import RunData, read_texts, synthetic_texts
+from domino_ray.report.load import RunData, real_texts, synthetic_texts
 from domino_ray.storage import Storage
 
 __all__ = ["TextSet", "ReportData", "embed_texts", "compute_report"]
@@ -159,9 +159,7 @@ def compute_report(runs: list[RunData], rcfg: ReportConfig, storage: Storage) ->
     backbone = (runs[0].representation or {}).get("backbone") or first.backbone.model
     notes = [f"{r.label}: {n}" for r in runs for n in r.notes]
     notes += _reference_mismatch_notes(runs)
-    refs_texts = read_texts(first.references.source, first.references.text_field, storage)
-    heldout_texts = (read_texts(rcfg.heldout, rcfg.heldout_text_field or first.references.text_field, storage)
-                     if rcfg.heldout else [])
+    refs_texts, heldout_texts = real_texts(first, rcfg, storage)
     model, tok = load_backbone(backbone, dtype=first.backbone.dtype, device=first.backbone.device,
                                trust_remote_code=first.backbone.trust_remote_code)
     max_len = first.references.max_tokens
@@ -219,6 +217,8 @@ def _run_summary(run: RunData) -> dict[str, Any]:
     for ev in run.evals:
         for key, val in (ev.get("pass_at_k") or {}).items():
             out[f"{ev['name']} {key}"] = val
+    for name, nll in run.nlls.items():
+        out[f"{name} held-out NLL"] = nll.get("nll")
     return out
 
 

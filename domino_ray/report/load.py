@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from domino_ray.config import DominoConfig, config_from_dict
 from domino_ray.storage import Storage, join_uri
 
-__all__ = ["RunData", "load_run", "label_runs", "synthetic_texts", "read_texts"]
+__all__ = ["RunData", "load_run", "label_runs", "synthetic_texts", "read_texts", "real_texts"]
 
 # Columns read from the records; anything else in the schema is not needed here.
 _RECORD_COLUMNS = ("seed_index", "draft", "accepted", "reject_reason", "draft_tokens", "response_tokens",
@@ -32,6 +32,7 @@ class RunData:
     records: Optional[Any] = None  # pyarrow.Table with the _RECORD_COLUMNS present in the files
     synth_manifest: Optional[dict[str, Any]] = None
     evals: list[dict[str, Any]] = field(default_factory=list)  # summary.json + name + status counts
+    nlls: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval name -> heldout_nll.json
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -97,6 +98,15 @@ def _read_evals(storage: Storage, run_uri: str, notes: list[str]) -> list[dict[s
     return out
 
 
+def _read_nlls(storage: Storage, run_uri: str, notes: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for uri in storage.list_files(join_uri(run_uri, "eval"), suffix="heldout_nll.json"):
+        summary = _read_json_or_none(storage, uri, notes)
+        if summary is not None:
+            out[PurePosixPath(uri.replace("\\", "/")).parent.name] = summary
+    return out
+
+
 def _count(values: Sequence[Any]) -> dict[Any, int]:
     counts: dict[Any, int] = {}
     for v in values:
@@ -123,7 +133,7 @@ def load_run(uri: str, storage: Storage, fallback: Optional[DominoConfig] = None
         learn_rows=_read_learn_rows(storage, join_uri(uri, "learn", "metrics.jsonl"), notes),
         records=_read_records(storage, uri, notes),
         synth_manifest=_read_json_or_none(storage, join_uri(uri, "synth", "manifest.json"), notes),
-        evals=_read_evals(storage, uri, notes), notes=notes,
+        evals=_read_evals(storage, uri, notes), nlls=_read_nlls(storage, uri, notes), notes=notes,
     )
 
 
@@ -152,3 +162,16 @@ def read_texts(source: str, text_field: str, storage: Storage) -> list[str]:
     # Exact duplicates are dropped as `learn` drops them, so baselines measure the set D was learned from.
     return list(dict.fromkeys(text for text, _ in read_reference_texts(source, text_field, storage)))
 
+
+
+def real_texts(config: DominoConfig, rcfg, storage: Storage) -> tuple[list[str], list[str]]:
+    """(references, held-out texts) the metrics compare against. With `references.holdout` the
+    references are the training split (what learn saw; memorisation is measured against them) and
+    the held-out split is the real set for fidelity; else the whole reference set and report.heldout."""
+    from domino_ray.references import read_reference_split
+
+    if config.references.holdout:
+        return read_reference_split(config.references, storage)
+    refs = read_texts(config.references.source, config.references.text_field, storage)
+    held = read_texts(rcfg.heldout, rcfg.heldout_text_field or config.references.text_field, storage) if rcfg.heldout else []
+    return refs, held

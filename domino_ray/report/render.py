@@ -7,7 +7,7 @@ import base64
 import html
 import math
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -65,8 +65,10 @@ def summary_table(data: ReportData) -> tuple[list[str], list[tuple[str, list[lis
         if out_rows:
             groups.append((title.format(**fmt_args), out_rows))
     pass_keys = sorted({k for c in cols for k in data.columns[c] if " pass@" in k})
-    if pass_keys:
-        groups.append(("Evaluation", [[f"{k} ↑"] + [fmt(data.columns[c].get(k)) for c in cols] for k in pass_keys]))
+    nll_keys = sorted({k for c in cols for k in data.columns[c] if k.endswith(" held-out NLL")})
+    if pass_keys or nll_keys:
+        groups.append(("Evaluation", [[f"{k} ↑"] + [fmt(data.columns[c].get(k)) for c in cols] for k in pass_keys]
+                       + [[f"{k} (nats/token) ↓"] + [fmt(data.columns[c].get(k)) for c in cols] for k in nll_keys]))
     return ["metric", *cols], groups
 
 
@@ -163,8 +165,8 @@ def md_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def _intro(data: ReportData) -> str:
-    real = ("held-out real samples (report.heldout)" if data.real_name == "held-out"
-            else "the references (set report.heldout for a held-out comparison)")
+    real = ("held-out real samples (references.holdout or report.heldout)" if data.real_name == "held-out"
+            else "the references (set references.holdout or report.heldout for a held-out comparison)")
     return (f"Synthetic set judged: {'every non-empty draft' if data.rcfg.samples == 'drafts' else 'accepted drafts'}. "
             f"Embeddings: {data.backbone} last hidden states, mean-pooled, L2-normalised. Fidelity is measured "
             f"against {real}; memorisation against the references. The references and held-out columns are "
@@ -172,15 +174,23 @@ def _intro(data: ReportData) -> str:
             f"↑/↓: the better direction.")
 
 
-def render_html(data: ReportData, pngs: dict[str, bytes], created: str) -> str:
+# A section placed before the standard ones (the study's comparison): (heading, note, head, rows).
+Lead = tuple[str, str, list[str], list[list[str]]]
+
+
+def render_html(data: ReportData, pngs: dict[str, bytes], created: str, title: Optional[str] = None,
+                lead: Sequence[Lead] = (), plots: Sequence = PLOTS) -> str:
     e = html.escape
-    body = [f"<h1>DOMINO report: {e(' vs '.join(r.label for r in data.runs))}</h1>",
-            f'<p class="note">Generated {e(created)}. <span id="render-check">plots not yet rendered</span></p>',
-            "<h2>Runs</h2>", html_table(*_run_rows(data)),
-            "<h2>Summary</h2>", f'<p class="note">{e(_intro(data))}</p>']
+    title = title or f"DOMINO report: {' vs '.join(r.label for r in data.runs)}"
+    body = [f"<h1>{e(title)}</h1>",
+            f'<p class="note">Generated {e(created)}. <span id="render-check">plots not yet rendered</span></p>']
+    for heading, note, lhead, lrows in lead:
+        body += [f"<h2>{e(heading)}</h2>", f'<p class="note">{e(note)}</p>' if note else "", html_table(lhead, lrows)]
+    body += ["<h2>Runs</h2>", html_table(*_run_rows(data)),
+             "<h2>Summary</h2>", f'<p class="note">{e(_intro(data))}</p>']
     head, groups = summary_table(data)
     body.append(html_table(head, [], groups))
-    for key, title, _ in PLOTS:
+    for key, title, _ in plots:
         body.append(f"<h2>{e(title)}</h2>")
         if key in pngs:
             b64 = base64.b64encode(pngs[key]).decode("ascii")
@@ -199,16 +209,20 @@ def render_html(data: ReportData, pngs: dict[str, bytes], created: str) -> str:
             + f"\n<script>{_RENDER_CHECK_JS}</script>\n</body></html>\n")
 
 
-def render_markdown(data: ReportData, pngs: dict[str, bytes], created: str) -> str:
-    out = [f"# DOMINO report: {' vs '.join(r.label for r in data.runs)}", "", f"Generated {created}.", "",
-           "## Runs", "", md_table(*_run_rows(data)), "", "## Summary", "", _intro(data), ""]
+def render_markdown(data: ReportData, pngs: dict[str, bytes], created: str, title: Optional[str] = None,
+                    lead: Sequence[Lead] = (), plots: Sequence = PLOTS) -> str:
+    title = title or f"DOMINO report: {' vs '.join(r.label for r in data.runs)}"
+    out = [f"# {title}", "", f"Generated {created}.", ""]
+    for heading, note, lhead, lrows in lead:
+        out += [f"## {heading}", ""] + ([note, ""] if note else []) + [md_table(lhead, lrows), ""]
+    out += ["## Runs", "", md_table(*_run_rows(data)), "", "## Summary", "", _intro(data), ""]
     head, groups = summary_table(data)
     rows = []
     for title, grows in groups:
         rows.append([f"**{title}**"] + [""] * (len(head) - 1))
         rows.extend(grows)
     out += [md_table(head, rows), ""]
-    for key, title, _ in PLOTS:
+    for key, title, _ in plots:
         if key in pngs:
             out += [f"## {title}", "", f"![{title}]({key}.png)", ""]
     if data.funnels:
