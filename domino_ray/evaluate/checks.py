@@ -204,7 +204,7 @@ def _is_process_end_call(stmt: ast.stmt) -> bool:
     if isinstance(f, ast.Name):
         return f.id in ("exit", "quit")
     if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
-        return (f.value.id, f.attr) in (("unittest", "main"), ("sys", "exit"), ("os", "_exit"), ("pytest", "main"))
+        return (f.value.id, f.attr) in (("unittest", "main"), ("sys", "exit"), ("pytest", "main"))
     return False
 
 
