@@ -155,11 +155,15 @@ class SamplingConfig(_Section):
 
 
 # -------------------------------------------------------------------------------------- synthesize
+class DraftSamplingConfig(SamplingConfig):
+    max_tokens: Optional[int] = Field(None, ge=1, description="Generated tokens per draft; null = 1.25 x the 95th percentile of the references' token lengths (EOS included), so drafts have room to end where references end.")
+
+
 class DraftStageConfig(_Section):
     enabled: bool = Field(True, description="Sample drafts from D (the only stage that uses the soft prompt). false = the no-soft-prompt baseline: drafts sampled from the engine given only references.prefix, no representation needed.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine owning the soft prompt (prompt embeds on).")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool for draft engines.")
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Draft sampling; seeds derive from (run.seed, seed index).")
+    sampling: DraftSamplingConfig = Field(default_factory=DraftSamplingConfig, description="Draft sampling; seeds derive from (run.seed, seed index).")
     few_shot: int = Field(0, ge=0, description="With enabled: false, prompt the draft engine with this many random references as examples (few_shot_template; set engine.chat_template: true for an instruct model): the few-shot baseline of the method study. 0 = the bare prompt (references.prefix or BOS).")
     few_shot_template: str = Field(
         "Here are examples of problems from one domain:\n\n{examples}\n\nWrite one new problem of the same kind. "

@@ -140,8 +140,13 @@ class _DraftReplica(_EngineReplica):
 
     async def prompt_tokens(self, prompt: str) -> int:
         """Prompt length of [D ; prefix + prompt] in tokens (soft tokens included)."""
+        from domino_ray.engines.base import EngineError
+
         loaded = await self._current()
-        (prepared,) = self.engine.prepare([self._request(loaded, prompt)], _sampling({}))
+        try:
+            (prepared,) = self.engine.prepare([self._request(loaded, prompt)], _sampling({}))
+        except EngineError as e:  # a prompt that alone fills the context (or bad text)
+            raise api.ApiError(422, f"prompt: {e}", "prompt") from None
         return prepared.prompt_len
 
     async def generate(self, prompt: str, samplings: list[dict]) -> dict[str, Any]:
