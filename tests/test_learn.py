@@ -158,22 +158,20 @@ def _reference_learn(cfg, world: int, share_gradient: bool = True):
     from domino_ray import learn
     from domino_ray.backbone import load_backbone
     from domino_ray.objective import ObjectiveSpec, domino_loss_straightforward, pad_texts
-    from domino_ray.references import load_references
 
     lc = cfg.learn
-    model, tok = load_backbone(cfg.backbone.model, dtype="float32", device="cpu", frozen=True)
-    token_ids = load_references(cfg.references, tok).token_ids
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    steps = learn.steps_per_epoch(len(token_ids), world, lc.batch_size)
+    payload = learn._prepare(cfg, Storage())  # tokenized references, pad/prefix/lead ids: the workers' data
+    model, _ = load_backbone(payload["model"], dtype="float32", device="cpu", frozen=True)
+    token_ids = payload["token_ids"]
+    steps = payload["steps_per_epoch"]
 
     shells = []
     for rank in range(world):  # learn's init and batching, outside Ray
         shell = learn._Learner.__new__(learn._Learner)
         shell.cfg, shell.lc, shell.rank, shell.world, shell.model = cfg, lc, rank, world, model
-        shell.device, shell.steps_per_epoch = torch.device("cpu"), steps
-        shell.payload = {"num_tokens": len(tok)}  # init draws over the real token ids
-        shell.batch_sizes = learn.epoch_batch_sizes(len(token_ids), world, lc.batch_size)  # equal on every worker
+        shell.payload, shell.device, shell.steps_per_epoch = payload, torch.device("cpu"), steps
         shell.owned = [i for i in range(len(token_ids)) if i % world == rank]
+        shell.batch_sizes = learn.epoch_batch_sizes(len(token_ids), world, lc.batch_size)
         shell._setup_params()
         shells.append(shell)
     init = shells[0].D.detach().clone()
@@ -191,8 +189,9 @@ def _reference_learn(cfg, world: int, share_gradient: bool = True):
             for batches in per_rank:
                 batch = batches[k]
                 params = [S[i] for i in batch]
-                out = domino_loss_straightforward(model, D, torch.stack(params),
-                                                  pad_texts([token_ids[i] for i in batch], pad_id), (), spec)
+                texts = pad_texts([token_ids[i] for i in batch], payload["pad_id"])
+                out = domino_loss_straightforward(model, D, torch.stack(params), texts, payload["prefix_ids"], spec,
+                                                  lead_ids=payload["lead_ids"])
                 g_D, *g_S = torch.autograd.grad(out.loss, [D, *params])
                 if share_gradient or batches is per_rank[0]:
                     grad_D += g_D / (world if share_gradient else 1)
