@@ -118,3 +118,48 @@ def test_hf_and_vllm_greedy_outputs_are_identical_with_a_soft_prompt(smollm2_dir
         vllm.shutdown()
     for i, (e, g) in enumerate(zip(expected, got)):
         assert g.completions == e.completions, f"request {i}"
+
+
+def test_draft_length_default_is_the_references_p95_times_1_25():
+    from domino_ray.synthesize.run import draft_max_tokens
+
+    # 20 lengths 1..20: nearest-rank p95 is the 19th value (19); x 1.25 = 23.75 -> 24
+    assert draft_max_tokens(list(range(20, 0, -1))) == 24
+    assert draft_max_tokens([100]) == 125
+    assert draft_max_tokens([10, 10, 10, 400]) == 500  # p95 of 4 values is the largest
+    with pytest.raises(ValueError, match="set it"):
+        draft_max_tokens([])
+
+
+@needs_wheel
+def test_learned_samples_end_with_eos_even_when_pad_is_eos(smollm2_dir):
+    """SmolLM2's pad token is its EOS: padding must not mask the EOS target, or D never learns to stop."""
+    from transformers import AutoTokenizer
+
+    from domino_ray.config import ReferencesConfig
+    from domino_ray.objective import IGNORE_INDEX, pad_texts
+    from domino_ray.references import load_references
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert tok.pad_token_id == tok.eos_token_id
+    refs = load_references(ReferencesConfig(source="humaneval:0:6"), tok)
+    assert all(ids[-1] == tok.eos_token_id for ids in refs.token_ids)
+    batch = pad_texts(refs.token_ids, tok.pad_token_id)
+    for row, ids in enumerate(refs.token_ids):
+        targets = batch.targets[row].tolist()
+        assert targets[len(ids) - 1] == tok.eos_token_id  # the EOS is a target
+        assert all(t == IGNORE_INDEX for t in targets[len(ids):])  # the pads after it are not
+
+
+@needs_wheel
+@pytest.mark.slow
+def test_generation_stops_on_eos(smollm2_dir):
+    from domino_ray.engines import GenerationRequest as Req, SamplingParams as SP
+    from domino_ray.engines.hf import HFEngine
+
+    hf = HFEngine(str(smollm2_dir), dtype="float32", device="cpu", max_model_len=512)
+    out = hf.generate([Req(text="Reply with one word: hello.", chat=True)], SP(temperature=0.0, max_tokens=96))
+    hf.shutdown()
+    c = out[0].completions[0]
+    assert c.finish_reason == "stop" and c.completion_tokens < 96
+    assert c.token_ids[-1] == hf.tokenizer.eos_token_id and "<|im_end|>" not in c.text

@@ -23,6 +23,7 @@ sha256). An existing output made with another fingerprint is refused unless `ove
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -110,6 +111,35 @@ class _Inputs:
     prefix: str
     baseline_prompt: str
     baseline_prompts: tuple[str, ...] = ()  # one per seed index (few-shot baseline); empty = baseline_prompt
+    draft_max_tokens: Optional[int] = None  # resolved synthesize.draft.sampling.max_tokens
+
+
+def draft_max_tokens(lengths: list[int], quantile: float = 0.95, factor: float = 1.25) -> int:
+    """The default draft length: `factor` x the nearest-rank `quantile` of the reference lengths."""
+    if not lengths:
+        raise ValueError("no references to derive synthesize.draft.sampling.max_tokens from; set it")
+    ordered = sorted(lengths)
+    rank = max(1, math.ceil(quantile * len(ordered)))
+    return math.ceil(ordered[rank - 1] * factor)
+
+
+def _resolve_draft_length(cfg: DominoConfig, storage: Storage, inputs: "_Inputs") -> "_Inputs":
+    """Fill `draft_max_tokens`: the configured value, else derived from the references' token lengths
+    in the draft model's tokenizer (EOS included), logged."""
+    from dataclasses import replace
+
+    set_value = cfg.synthesize.draft.sampling.max_tokens
+    if set_value is not None:
+        return replace(inputs, draft_max_tokens=set_value)
+    from domino_ray.backbone import load_tokenizer
+    from domino_ray.references import load_references
+
+    tok = load_tokenizer(_draft_model(cfg), cfg.backbone.trust_remote_code)
+    lengths = [len(ids) for ids in load_references(cfg.references, tok, storage).token_ids]
+    value = draft_max_tokens(lengths)
+    log.info("synthesize: draft max_tokens %d = 1.25 x the 95th percentile of %d reference lengths "
+             "(synthesize.draft.sampling.max_tokens is null)", value, len(lengths))
+    return replace(inputs, draft_max_tokens=value)
 
 
 def _draft_model(cfg: DominoConfig) -> str:
@@ -234,7 +264,9 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy",
                               **_pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus)))
 
-    ds = llm(ds, stages.DraftStage, syn.draft, soft_prompt=syn.draft.enabled,
+    draft_sampling = {**syn.draft.sampling.model_dump(),
+                      "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or 256}
+    ds = llm(ds, stages.DraftStage, syn.draft, sampling=draft_sampling, soft_prompt=syn.draft.enabled,
              representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt,
              baseline_prompts=list(inputs.baseline_prompts))
     if syn.respond.enabled:
@@ -355,7 +387,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     storage = Storage(cfg.storage.s3)
     storage.check_writable_root(cfg.run.output)
     paths = SynthPaths(cfg.run.output)
-    inputs = _prepare_inputs(cfg, storage)
+    inputs = _resolve_draft_length(cfg, storage, _prepare_inputs(cfg, storage))
     _check_filter_inputs(cfg, storage)
     fingerprint, parts = synthesis_fingerprint(cfg, inputs.representation_sha256)
     old = _claim_output(storage, paths, fingerprint, parts, overwrite)
@@ -363,6 +395,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     head = {"fingerprint": fingerprint, "fingerprint_parts": parts, "config": redact_secrets(cfg.to_dict()),
             "versions": package_versions(), "num_samples": syn.num_samples, "block_size": syn.block_size,
             "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
+            "draft_max_tokens": inputs.draft_max_tokens,
             "attempts": attempts, "records": paths.records}
     storage.write_json(paths.manifest, {**head, "status": "running"})
     run_manifest = RunManifest(storage, cfg.run.output)
