@@ -43,8 +43,9 @@ class DataTest:
 @dataclass
 class DataTests:
     tests: list[DataTest]
-    setup: list[str]  # statements the expected values may need (module level and check's own), in order
-    input_setup: list[str]  # the subset the calls' arguments need (the only test code in the candidate's program)
+    # statements the calls and expected values need (module level and check's own), in order; they
+    # run only in the expected-values program, which also turns each call's arguments into data
+    setup: list[str]
 
 
 _WRAPPERS = ("tuple", "list", "sorted", "set", "frozenset")
@@ -176,15 +177,7 @@ def data_tests(tests: str, callee: str, entry_point: Optional[str]) -> Optional[
         return None  # loops, conditionals, anything else
     if not out:
         return None
-    # the candidate's program gets only the setup its calls' arguments depend on
-    needed = set().union(*(_names(ast.parse(t.call)) for t in out)) - {"candidate"}
-    keep: list[ast.stmt] = []
-    for stmt in reversed(setup_nodes):
-        if _defined(stmt) & needed:
-            keep.append(stmt)
-            needed |= _names(stmt)
-    keep.reverse()
-    return DataTests(out, [ast.unparse(s) for s in setup_nodes], [ast.unparse(s) for s in keep])
+    return DataTests(out, [ast.unparse(s) for s in setup_nodes])
 
 
 # --------------------------------------------------------------------------------- __main__ blocks

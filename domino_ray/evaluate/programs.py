@@ -219,30 +219,30 @@ _out, _err = _sys.stdout, _sys.stderr
 _sys.stdout = _sys.stderr = _Discard()
 '''
 
-# HumanEval check / bare asserts as data: the calls of the function under test, nothing else.
+# HumanEval check / bare asserts as data: the function under test on each test's arguments (plain
+# data computed by the expected-values program), nothing else.
 _CALLS_HARNESS = '''
+{from_data}
 _SOLUTION = {solution!r}
 _ENTRY = {entry!r}
-_SETUP = {setup!r}
-_CALLS = {calls!r}
+_CALLS = _json.loads({calls})
 try:
     _candidate = _load(_SOLUTION, _ENTRY)[_ENTRY]
 except BaseException as e:
     _report["load"] = _error(e)
 else:
-    _tests_ns = {{}}
-    exec(_SETUP, _tests_ns)
     for _call in _CALLS:
-        _fn = eval("lambda candidate: (" + _call + ")", _tests_ns)
-        _rec = _record(lambda: _fn(_candidate))
+        _args, _kwargs = from_data(_call)
+        _rec = _record(lambda: _candidate(*_args, **_kwargs))
         _report["results"].append(_rec)
         if "v" not in _rec:
             break
 _domino_emit(_json.dumps(_report))
 '''
 
-# The expected values of HumanEval-style tests: the tests' own values (and tolerances), evaluated
-# where the tests would see them, and the reference solution's outputs as a check of the reading.
+# The expected side of HumanEval-style tests: each call's arguments as data (evaluated once, so both
+# sides see the same inputs), the tests' own expected values and tolerances, evaluated where the
+# tests would see them, and the reference solution's outputs as a check of the reading.
 _EXPECTED_HARNESS = '''
 _REFERENCE = {reference!r}
 _ENTRY = {entry!r}
@@ -252,14 +252,15 @@ _ns = {{"__name__": "__domino_reference__"}}
 if _REFERENCE is not None:
     exec(compile(_REFERENCE, "<reference>", "exec"), _ns)
 exec(_SETUP, _ns)
+_capture = lambda *args, **kwargs: (args, kwargs)
 for _t in _TESTS:
-    _rec = {{}}
+    _rec = {{"a": _record(lambda: eval(_t["call"], dict(_ns, candidate=_capture)))}}
     for _key, _src in (("e", _t["expected"]), ("eps", _t["eps"])):
         if _src is not None:
             _rec[_key] = _record(lambda: eval(_src, _ns))
-    if _REFERENCE is not None and _ENTRY in _ns:
-        _fn = eval("lambda candidate: (" + _t["call"] + ")", _ns)
-        _rec["r"] = _record(lambda: _fn(_ns[_ENTRY]))
+    if _REFERENCE is not None and _ENTRY in _ns and "v" in _rec["a"]:
+        _args, _kwargs = eval(_t["call"], dict(_ns, candidate=_capture))
+        _rec["r"] = _record(lambda: _ns[_ENTRY](*_args, **_kwargs))
     _report["results"].append(_rec)
 _domino_emit(_json.dumps(_report))
 '''
@@ -397,12 +398,13 @@ def _with_channel(body: str) -> str:
     return CHANNEL + body
 
 
-def calls_program(solution: str, entry: str, setup: list[str], calls: list[str]) -> str:
-    """The outputs of `solution`'s `entry` on the calls of data tests (no expected value inside)."""
-    from domino_ray.sandbox.compare import to_data
+def calls_program(solution: str, entry: str, calls: list) -> str:
+    """The outputs of `solution`'s `entry` on each call's ([args], {kwargs}) as encoded data."""
+    from domino_ray.sandbox.compare import NotData, from_data, to_data
 
-    return _with_channel(_DATA_COMMON.format(to_data=inspect.getsource(to_data))
-                         + _CALLS_HARNESS.format(solution=solution, entry=entry, setup="\n".join(setup), calls=calls))
+    return _with_channel(_DATA_COMMON.format(to_data=inspect.getsource(to_data)) + _CALLS_HARNESS.format(
+        from_data=inspect.getsource(NotData) + inspect.getsource(from_data), solution=solution, entry=entry,
+        calls=_literal(calls)))
 
 
 def expected_program(reference: Optional[str], entry: Optional[str], setup: list[str], tests: list[dict]) -> str:

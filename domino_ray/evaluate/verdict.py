@@ -172,6 +172,7 @@ class _Expected:
     tests: Optional[DataTests]  # None: the problem takes the assert path
     values: list  # per test: (expected value, eps)
     why_not: str = ""  # why the problem takes the assert path
+    calls: Optional[list] = None  # per test: the call's (args, kwargs) as encoded data
 
 
 def _callee(p: Problem) -> Optional[str]:
@@ -201,8 +202,14 @@ def _compute_expected(p: Problem, cfg: SandboxConfig) -> _Expected:
     if report is None or report.get("load") or len(report["results"]) != len(dt.tests):
         why = failed.detail if failed else (report or {}).get("load") or "incomplete report"
         return _Expected(None, [], f"computing the expected values failed ({why})")
-    values = []
+    values, calls = [], []
     for i, (t, rec) in enumerate(zip(dt.tests, report["results"])):
+        try:
+            args = rec["a"]["v"]
+            from_data(args)  # checked here, decoded again by the candidate's harness
+            calls.append(args)
+        except (KeyError, TypeError, NotData):
+            return _Expected(None, [], f"test {i}: its arguments are not plain data")
         try:
             exp = from_data(rec["e"]["v"]) if t.expected is not None else None
             eps = from_data(rec["eps"]["v"]) if t.eps is not None else None
@@ -216,7 +223,7 @@ def _compute_expected(p: Problem, cfg: SandboxConfig) -> _Expected:
             if not ok:
                 return _Expected(None, [], f"test {i}: the reference solution does not pass it as data")
         values.append((exp, eps))
-    return _Expected(dt, values)
+    return _Expected(dt, values, calls=calls)
 
 
 def _reference_outputs(p: Problem, inputs: list, cfg: SandboxConfig) -> Optional[list]:
@@ -263,7 +270,7 @@ def judge_solution(p: Problem, solution: Optional[str], cfg: SandboxConfig) -> V
 
 def _judge_calls(p: Problem, solution: str, exp: _Expected, cfg: SandboxConfig) -> Verdict:
     dt = exp.tests
-    result = _run(calls_program(solution, p.entry_point, dt.input_setup, [t.call for t in dt.tests]), cfg, p.timeout_s)
+    result = _run(calls_program(solution, p.entry_point, exp.calls), cfg, p.timeout_s)
     report, failed = _data_report(result)
     if failed:
         return failed

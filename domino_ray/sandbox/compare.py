@@ -11,8 +11,9 @@ enter the sandbox.
     evalplus_same(...)        parent side: EvalPlus's output comparison (atol, set and None oracles)
     stdout_matches(a, e)      stdin/stdout benchmarks: LiveCodeBench's line rule
 
-`to_data` and `stdout_matches` are self-contained (no module globals, only stdlib imports inside)
-because their source is embedded in programs: the harness that runs in the sandbox uses `to_data`.
+`to_data`, `from_data` and `stdout_matches` are self-contained (no module globals but NotData, only
+stdlib imports inside) because their source is embedded in programs: the harness that runs in the
+sandbox encodes outputs with `to_data` and decodes its inputs with `from_data`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def to_data(value, _depth=0):
     raise TypeError(f"output of type {t.__module__}.{t.__qualname__} is not plain data")
 
 
-def from_data(tree: Any) -> Any:
-    """The value `to_data` encoded, rebuilt from builtins only (NotData on a malformed tree)."""
+def from_data(tree):
+    """The value `to_data` encoded, rebuilt from builtins only (NotData on a malformed tree).
+    Self-contained like `to_data`: the calls harness decodes its inputs with it."""
     if tree is None or isinstance(tree, (bool, int, str)):
         return tree
     if isinstance(tree, float):
