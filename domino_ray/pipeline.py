@@ -311,7 +311,20 @@ def _results(cfg: DominoConfig, storage: Storage, state: dict[str, Any], seconds
                         "tokens": (n_tuned or n_base or {}).get("tokens")},
         "report": (state.get("report") or {}).get("report") or (join_uri(run, "report", "report.html") if cfg.report.enabled else None),
         "seconds": round(seconds, 1),
+        **_details(storage, run),
     }
+
+
+def _details(storage: Storage, run: str) -> dict[str, Any]:
+    """Learn curve, accepted examples, pass@k of both models (domino_ray/summary.py); a summary never
+    fails for want of them."""
+    from domino_ray.summary import run_details
+
+    try:
+        return run_details(storage, run)
+    except Exception as e:  # noqa: BLE001 - printing extras must not fail a finished run
+        log.warning("pipeline: summary details unavailable: %s", e)
+        return {}
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -328,14 +341,34 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"  {name:<20}{info['status']:<10}{info.get('seconds', 0.0):>8.1f}")
     syn, ft, p = result["synthesize"], result["finetune"], result["pass_at_1"]
     lines.append("")
+    from domino_ray.summary import format_examples, format_funnel, format_learn
+
+    lines += format_learn(result.get("learn"))
     if syn.get("rows") is not None:
-        reasons = ", ".join(f"{k} {v}" for k, v in (syn.get("reject_reasons") or {}).items())
+        reasons = ", ".join(f"{k} {v}" for k, v in (syn.get("reject_reasons") or {}).items() if v)
         lines.append(f"  synthetic records  {syn['accepted']} accepted of {syn['rows']}" + (f"  (rejected: {reasons})" if reasons else ""))
+        lines += format_funnel(syn["rows"], syn["accepted"], syn.get("reject_reasons"))
     if ft.get("steps"):
         lines.append(f"  fine-tuning        {ft['steps']} steps, loss {_fmt(ft['first_loss'])} -> {_fmt(ft['final_loss'])}")
-    if p[BASE] is not None or p[FINETUNED] is not None:
+    pk = result.get("pass_at_k") or {}
+    ks = sorted({k for m in (pk.get(BASE) or {}, pk.get(FINETUNED) or {}) for k in m}, key=lambda k: int(k.split("@")[1]))
+    if ks:
+        lines.append(f"  on {result['benchmark']} ({result['num_problems']} problems):")
+        for k in ks:
+            b, t = (pk.get(BASE) or {}).get(k), (pk.get(FINETUNED) or {}).get(k)
+            d = t - b if b is not None and t is not None else None
+            lines.append(f"    {k:<17}base {_fmt(b)}  fine-tuned {_fmt(t)}  delta {_fmt(d, signed=True)}")
+    elif p[BASE] is not None or p[FINETUNED] is not None:
         lines.append(f"  pass@1 on {result['benchmark']} ({result['num_problems']} problems): "
                      f"base {_fmt(p[BASE])}  fine-tuned {_fmt(p[FINETUNED])}  delta {_fmt(p['delta'], signed=True)}")
+    nll = result.get("heldout_nll") or {}
+    if nll.get(BASE) is not None or nll.get(FINETUNED) is not None:
+        lines.append(f"  held-out NLL ({nll.get('num_samples')} samples, {nll.get('tokens')} tokens): base {_fmt(nll.get(BASE))}  "
+                     f"fine-tuned {_fmt(nll.get(FINETUNED))}  delta {_fmt(nll.get('delta'), signed=True)} (lower is better)")
+    if result.get("examples"):
+        lines.append("")
+        lines += format_examples(result["examples"])
+        lines.append("")
     if result.get("report"):
         lines.append(f"  report             {result['report']}")
     return "\n".join(lines)
