@@ -12,7 +12,8 @@ response tokens only (prompt tokens are labelled `schema.IGNORE_INDEX`). A `Torc
     <run>/finetune/adapter/       peft LoRA adapter + tokenizer           (method: lora)
     <run>/finetune/model/         full fine-tuned model + tokenizer       (method: full)
     <run>/finetune/merged/        base + adapter merged, any engine loads (method: lora, merge: true)
-    <run>/finetune/metrics.jsonl  one JSON per optimizer step (step, epoch, loss, lr, tokens)
+    <run>/finetune/metrics.jsonl  one JSON per optimizer step (step, epoch, loss, lr, tokens, and the dtypes
+                                  of the forward's compute and of the frozen base weights)
 
 Resume rule: a re-run (or a worker restart under `FailureConfig`) continues from the latest
 checkpoint when the checkpoint's fingerprint (base model, data, method, LoRA and optimiser settings;
@@ -264,6 +265,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     seqs: list[SFTExample] = ray.get(config["sequences_ref"])
     model, device, autocast_dtype = _setup_model(config)
     params = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # LoRA: the base; full: none
+    base_dtype = str((frozen or params)[0].dtype).removeprefix("torch.")
     optim = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0)
     start_epoch, step, history = _restore(model, optim, config)
 
@@ -275,10 +278,11 @@ def _train_loop(config: dict[str, Any]) -> None:
         for b in range(0, len(idx), config["batch_size"]):
             batch = collate([seqs[i] for i in idx[b: b + config["batch_size"]]], config["pad_id"])
             lr = lr_at(step, total_steps, config["lr"])
-            loss = _train_step(model, optim, params, batch, device, autocast_dtype, lr)
+            loss, compute_dtype = _train_step(model, optim, params, batch, device, autocast_dtype, lr)
             step += 1
             row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
-                   "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()) * world}
+                   "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()) * world,
+                   "compute_dtype": compute_dtype, "base_dtype": base_dtype}
             history.append(row)
             if rank == 0:  # print: Ray Train forwards worker stdout to the driver and the dashboard
                 print(f"finetune epoch {epoch + 1} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
@@ -318,8 +322,9 @@ def _add_lora(model, lora: dict[str, Any]):
                          f"set them to the attention/MLP linear layer names of the model") from e
 
 
-def _train_step(model, optim, params, batch, device, autocast_dtype, lr: float) -> float:
-    """One optimizer step; returns the loss averaged over workers (a scalar all-reduce)."""
+def _train_step(model, optim, params, batch, device, autocast_dtype, lr: float) -> tuple[float, str]:
+    """One optimizer step; returns the loss averaged over workers (a scalar all-reduce) and the dtype
+    the forward really computed in (of its logits: bfloat16 under bf16 autocast)."""
     import torch
     import torch.distributed as dist
 
@@ -327,7 +332,9 @@ def _train_step(model, optim, params, batch, device, autocast_dtype, lr: float) 
         group["lr"] = lr
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = model(**batch).loss  # HF shifts labels; IGNORE_INDEX positions are not targets
+        out = model(**batch)  # HF shifts labels; IGNORE_INDEX positions are not targets
+    loss, compute_dtype = out.loss, str(out.logits.dtype).removeprefix("torch.")
+    del out
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optim.step()
@@ -336,7 +343,7 @@ def _train_step(model, optim, params, batch, device, autocast_dtype, lr: float) 
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(value)
         value /= dist.get_world_size()
-    return float(value)
+    return float(value), compute_dtype
 
 
 def _unwrap(model):

@@ -110,6 +110,24 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] < lrs[2] and max(lrs) == 1.0 and lrs[-1] == pytest.approx(0.1, abs=0.02)
 
 
+@pytest.mark.parametrize("autocast, expected", [(None, "float32"), ("bfloat16", "bfloat16")])
+def test_train_step_reports_the_dtype_its_forward_ran_in(tiny_model_dir, autocast, expected):
+    # The dtype recorded in metrics.jsonl is read off the forward's logits, not echoed from the config:
+    # CPU autocast in bf16 shows the same as the GPU test's (which needs a GPU and Ray).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from domino_ray.finetune import _train_step
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=1e-4)
+    batch = collate([SFTExample([5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])], pad_id=0)
+    loss, dtype = _train_step(model, optim, params, batch, torch.device("cpu"),
+                              getattr(torch, autocast) if autocast else None, 1e-4)
+    assert dtype == expected and loss > 0
+
+
 def test_no_accepted_records_names_run_and_reasons(tmp_path, tiny_model_dir):
     storage = Storage()
     write_records(storage, str(tmp_path), [], rejected=5)
@@ -156,6 +174,7 @@ def test_lora_sft_two_workers_lowers_loss_and_both_engines_load_the_adapter(ray_
 
     history = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
     assert summary["records"] == 32 and len(history) == summary["steps"] == 4 * 4  # 32 / (2 workers x 4) per epoch
+    assert {(r["compute_dtype"], r["base_dtype"]) for r in history} == {("float32", "float32")}  # CPU: fp32
     epoch_loss = [sum(r["loss"] for r in history if r["epoch"] == e) / 4 for e in range(4)]
     assert all(b < a for a, b in zip(epoch_loss, epoch_loss[1:])) and epoch_loss[-1] < 0.6 * epoch_loss[0]
     adapter = Path(summary["adapter"])
@@ -240,5 +259,8 @@ def test_lora_sft_on_gpu_uses_bf16_and_lowers_loss(ray_cluster, tiny_model_dir, 
     write_records(storage, out, toy_pairs(32))
     summary = run_finetune(make_cfg(tiny_model_dir, out, use_gpu=True, num_workers=1, batch_size=8, merge=True))
     assert summary["final_loss"] < summary["first_loss"]
+    history = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+    # precision auto on a GPU: the frozen base is loaded in bf16 and the forward runs under bf16 autocast
+    assert {(r["compute_dtype"], r["base_dtype"]) for r in history} == {("bfloat16", "bfloat16")}
     assert (Path(summary["adapter"]) / "adapter_model.safetensors").exists()
     assert (Path(summary["merged"]) / "config.json").exists()
