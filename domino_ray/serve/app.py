@@ -82,15 +82,23 @@ def build_app(cfg: DominoConfig, domains: dict[str, Domain]):
 
 
 def app_builder(args: dict[str, Any]):
-    """Application builder for Serve config files: `args: {runs: [RUN, NAME=RUN, ...], config: PATH}`."""
+    """Application builder for Serve config files (cluster/serve/serve-config.yaml):
+
+        args: {config: PATH, runs: [RUN, NAME=RUN, ...], overrides: {serve: {...}}}
+
+    `overrides` are merged into the config file (e.g. GPUs per replica on the cluster); `runs`
+    defaults to the config's run.output.
+    """
     args = dict(args or {})
     runs = args.pop("runs", [])
-    if isinstance(runs, str):
-        runs = [runs]
-    config = args.pop("config", None)
+    runs = [runs] if isinstance(runs, str) else list(runs)
+    config, overrides = args.pop("config", None), args.pop("overrides", None)
     if args:
-        raise ConfigError(f"serve application args: unknown keys {sorted(args)}; known: runs, config")
-    cfg = resolve_config(config, runs)
+        raise ConfigError(f"serve application args: unknown keys {sorted(args)}; known: config, runs, overrides")
+    if overrides and not config:
+        raise ConfigError("serve application args: overrides need a config file to apply to (args.config)")
+    cfg = load_config(config, overrides=overrides) if config else resolve_config(None, runs)
+    runs = runs or ([] if cfg.serve.domains else [cfg.run.output])
     return build_app(cfg, resolve_domains(cfg, runs))
 
 
