@@ -145,3 +145,28 @@ def test_malformed_livecodebench_and_evalplus_name_file_and_line(tmp_path):
         load_benchmark(f"evalplus:{plus}")
     with pytest.raises(BenchmarkError, match="cannot read"):
         load_benchmark(f"jsonl:{tmp_path / 'missing.jsonl'}")
+
+
+def test_benchmarks_read_from_s3(s3_server, s3_bucket):
+    """README: every file benchmark takes an s3:// path (here on loopback S3), gzip too."""
+    from domino_ray.storage import Storage
+
+    storage = Storage(s3_server)
+    he = load_benchmark("humaneval:0:1")[0]
+    plus_row = {"task_id": "HumanEval/0", "prompt": he.prompt, "entry_point": he.entry_point,
+                "canonical_solution": he.canonical_solution, "base_input": [[[1.0, 2.0], 0.5]], "plus_input": []}
+    files = {
+        "lcb.jsonl": "".join(json.dumps(r) + "\n" for r in [LCB_STDIO, LCB_FUNCTIONAL]).encode(),
+        "plus.jsonl.gz": gzip.compress((json.dumps(plus_row) + "\n").encode()),
+        "mine.jsonl": b'{"task_id": "d", "prompt": "Write d(x).", "tests": "assert d(1) == 2", "entry_point": "d"}\n',
+    }
+    for name, data in files.items():
+        storage.write_bytes(f"s3://{s3_bucket}/bench/{name}", data)
+    stdio, functional = load_benchmark(f"livecodebench:s3://{s3_bucket}/bench/lcb.jsonl", storage=storage)
+    assert stdio.io_tests[1] == {"input": "5 7\n", "output": "12\n"} and functional.entry_point == "addAll"
+    (plus,) = load_benchmark(f"evalplus:s3://{s3_bucket}/bench/plus.jsonl.gz:0:1", storage=storage)
+    assert plus.test_type == "diff" and plus.meta["base_input"] == [[[1.0, 2.0], 0.5]]
+    (mine,) = load_benchmark(f"jsonl:s3://{s3_bucket}/bench/mine.jsonl", storage=storage)
+    assert mine.task_id == "d" and mine.test_type == "asserts"
+    with pytest.raises(BenchmarkError, match=f"s3://{s3_bucket}/bench/none.jsonl: cannot read"):
+        load_benchmark(f"jsonl:s3://{s3_bucket}/bench/none.jsonl", storage=storage)
