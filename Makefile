@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages: bubblewrap (sandbox network/filesystem isolation), chromium (report render test).
-DEB_PKGS := bubblewrap chromium
+DEB_PKGS := bubblewrap chromium libseccomp2 perl-base util-linux
 
 .PHONY: install system-deps demo test test-fast bench docs clean mutants
 

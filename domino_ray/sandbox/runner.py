@@ -6,14 +6,19 @@ Statuses (schema.EXEC_STATUSES):
     failed   it ran and its tests said no: AssertionError, or a non-zero exit without a traceback
     error    it crashed: any other uncaught exception (SyntaxError, NameError, ...) or a fatal signal
     timeout  the wall-clock limit passed (the whole process group is killed), or a TimeoutError
-    limit    a resource limit stopped it: memory (MemoryError), CPU (SIGXCPU), file size, open
-             files, processes (fork failing with EAGAIN), or output beyond max_output_bytes
+    limit    a resource limit stopped it: memory (MemoryError, or the run's cgroup OOM-killed it),
+             CPU (SIGXCPU), file size, a full work dir (bytes or files), open files, processes
+             (fork failing with EAGAIN), or output beyond max_output_bytes
+
+The exit status is exact: the reporter inside the sandbox (isolation.py) gives the program's raw
+wait status, so `sys.exit(137)` is exit code 137 and not SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import math
 import os
 import re
@@ -22,15 +27,21 @@ import shutil
 import signal as _signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 from domino_ray.config import SandboxConfig
-from domino_ray.sandbox.isolation import IsolationPlan, build_command, ensure_isolation, host_env
+from domino_ray.sandbox import kernel
+from domino_ray.sandbox.cgroups import join_prefix
+from domino_ray.sandbox.isolation import IsolationPlan, LaunchFds, build_command, ensure_isolation, host_env
+from domino_ray.sandbox.seccomp import filter_fd
 
-__all__ = ["ExecResult", "run_program", "classify_exit", "last_exception_line"]
+__all__ = ["ExecResult", "run_program", "classify_exit", "last_exception_line", "launch", "Outcome"]
+
+_MIB = 1024 * 1024
 
 _GRACE_S = 0.2  # after the program exits, how long leftover pipe holders get before we stop reading
 _READ_CHUNK = 65536
@@ -84,18 +95,24 @@ def _limit_from_exception(name: str, msg: str, cfg: SandboxConfig) -> Optional[s
         return f"process limit of {cfg.max_processes} (RLIMIT_NPROC) reached: {name}: {msg}"
     if "Too many open files" in msg:
         return f"open-file limit of {cfg.max_open_files} (RLIMIT_NOFILE) reached"
-    if "File too large" in msg or "No space left on device" in msg:
-        return f"file size limit reached ({cfg.file_size_mb} MiB per file, {cfg.workdir_mb} MiB in total): {msg}"
+    if "File too large" in msg or "[Errno 27]" in msg:
+        return f"file size limit of {cfg.file_size_mb} MiB (RLIMIT_FSIZE) reached: {msg}"
+    if "No space left on device" in msg or "[Errno 28]" in msg:
+        return f"work dir full (its tmpfs holds {cfg.workdir_mb} MiB and {cfg.workdir_inodes} files): {msg}"
     return None
 
 
 def classify_exit(exit_code: Optional[int], sig: Optional[int], stderr: str, cfg: SandboxConfig,
-                  timed_out: bool = False, timeout_s: float = 0.0, overflow: Optional[str] = None) -> tuple[str, str]:
-    """(status, detail) of a finished execution. Pure: tested on hand-made inputs."""
+                  timed_out: bool = False, timeout_s: float = 0.0, overflow: Optional[str] = None,
+                  oom_killed: bool = False) -> tuple[str, str]:
+    """(status, detail) of a finished execution. Pure: tested on hand-made inputs. `oom_killed`:
+    the kernel OOM-killed a process of the run's cgroup."""
     if timed_out:
         return "timeout", f"wall-clock limit of {timeout_s:g} s exceeded; process group killed"
     if overflow:
         return "limit", f"{overflow} exceeded {cfg.max_output_bytes} bytes; program killed"
+    if oom_killed and not (exit_code == 0 and sig is None):
+        return "limit", f"memory limit of the run ({cfg.memory_total_mb} MiB, cgroup) reached: OOM-killed"
     if sig == _signal.SIGXCPU:
         return "limit", f"CPU time limit of {cfg.cpu_s} s (RLIMIT_CPU) reached (SIGXCPU)"
     if sig == _signal.SIGXFSZ:
@@ -149,22 +166,6 @@ def _uid_slot(cfg: SandboxConfig, plan: IsolationPlan) -> Iterator[Optional[int]
     finally:
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the flock
-
-
-@contextlib.contextmanager
-def _run_dir(code: str, stdin: Optional[str], uid: Optional[int], plan: IsolationPlan) -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="domino-sbx-")
-    try:
-        Path(path, "main.py").write_text(code, encoding="utf-8")
-        if stdin is not None:
-            Path(path, "stdin").write_text(stdin, encoding="utf-8")
-        os.chmod(Path(path, "main.py"), 0o644)
-        os.chmod(path, 0o755)
-        if plan.backend != "bwrap" and uid is not None:
-            os.chown(path, uid, uid)  # without a private tmpfs the run dir is the writable place
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- running
@@ -221,12 +222,155 @@ def _collect(proc: subprocess.Popen, timeout_s: float, cap: int) -> tuple[bytes,
     return bytes(bufs[proc.stdout.fileno()][:cap]), bytes(bufs[proc.stderr.fileno()][:cap]), timed_out, overflow
 
 
-def _exit_status(returncode: int, plan: IsolationPlan) -> tuple[Optional[int], Optional[int]]:
-    """(exit code, signal). bwrap and unshare report a child killed by signal N as exit 128+N."""
+# ------------------------------------------------------------------------------------- launching
+def _spawn(cmd: list[str], stdin, cwd: str, pass_fds: tuple[int, ...], plan: IsolationPlan,
+           uid: Optional[int]) -> subprocess.Popen:
+    """Popen from a short-lived thread of its own: the thread first empties the slot uid's
+    keyrings and joins a fresh session keyring (kernel credentials are per thread, so no other
+    thread of this process is touched), and the child inherits that new, empty keyring."""
+    def popen() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+                                env=host_env(), start_new_session=True, close_fds=True, pass_fds=pass_fds)
+
+    if not plan.has("session_keyring"):
+        return popen()
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            if uid is not None and plan.as_root:
+                kernel.clear_user_keyrings(uid)
+            kernel.join_fresh_session_keyring()
+            box["proc"] = popen()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="domino-sandbox-spawn")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["proc"]
+
+
+def _read_all(fd: Optional[int]) -> bytes:
+    if fd is None:
+        return b""
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class Outcome:
+    """What one launch observed, before classification."""
+    stdout: bytes
+    stderr: bytes
+    returncode: int  # of the launcher (bwrap, unshare, or the program itself under backend none)
+    wait_status: Optional[int]  # the program's raw wait status when known exactly, else None
+    started: Optional[bool]  # bwrap's --json-status-fd: whether its setup finished and it exec'd; None = not bwrap
+    timed_out: bool
+    overflow: Optional[str]
+    oom_kills: int
+    duration_s: float
+
+
+def launch(plan: IsolationPlan, cfg: SandboxConfig, code: str, stdin: Optional[str], uid: Optional[int],
+           timeout: float) -> Outcome:
+    """Run `code` once with every layer of `plan`: a fresh run dir (prog/ read-only, work/ the
+    capped tmpfs), a fresh cgroup, the seccomp memfd and status pipes; all removed afterwards."""
+    run_dir = tempfile.mkdtemp(prefix="domino-sbx-")
+    work = os.path.join(run_dir, "work")
+    mounted, cgroup, parent_fds, child_fds = False, None, [], []
+    try:
+        prog = Path(run_dir, "prog")
+        prog.mkdir()
+        Path(prog, "main.py").write_text(code, encoding="utf-8")
+        os.chmod(Path(prog, "main.py"), 0o644)
+        os.chmod(prog, 0o755)
+        os.chmod(run_dir, 0o755)
+        os.mkdir(work, 0o700)
+        if stdin is not None:
+            Path(run_dir, "stdin").write_text(stdin, encoding="utf-8")  # root-only: reaches the program as a fd
+        owner = uid if uid is not None else os.getuid()
+        if plan.has("tmpfs_inode_cap"):
+            kernel.mount_tmpfs(work, cfg.workdir_mb * _MIB, cfg.workdir_inodes, owner, owner)
+            mounted = True
+        elif plan.backend != "bwrap" and uid is not None:
+            os.chown(work, uid, uid)  # without the capped tmpfs the work dir is a plain host dir
+        if plan.cgroups is not None:
+            # +4: the launcher's own processes (bwrap, its init, the reporter) count in pids.max
+            cgroup = plan.cgroups.create(cfg.memory_total_mb * _MIB, cfg.max_processes + 4, cfg.cpu_cores)
+        seccomp_fd = filter_fd() if plan.has("seccomp") and (plan.backend == "bwrap" or plan.guarded) else None
+        json_r = json_w = status_r = status_w = None
+        if plan.backend == "bwrap":
+            json_r, json_w = os.pipe()
+        if plan.has("exit_status") and plan.backend != "none" and "perl" in plan.tools:
+            status_r, status_w = os.pipe()
+        child_fds = [fd for fd in (seccomp_fd, json_w, status_w) if fd is not None]
+        parent_fds = [fd for fd in (json_r, status_r) if fd is not None]
+        fds = LaunchFds(seccomp_fd, json_w, status_w)
+        cmd = join_prefix(cgroup) + build_command(plan, cfg, run_dir, uid, fds)
+        stdin_file = open(Path(run_dir, "stdin"), "rb") if stdin is not None else subprocess.DEVNULL
+        start = time.monotonic()
+        try:
+            proc = _spawn(cmd, stdin_file, work if plan.backend != "bwrap" else run_dir, tuple(child_fds), plan, uid)
+        finally:
+            if stdin is not None:
+                stdin_file.close()
+            for fd in child_fds:
+                os.close(fd)
+            child_fds = []
+        try:
+            out, err, timed_out, overflow = _collect(proc, timeout, cfg.max_output_bytes)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        duration = time.monotonic() - start
+        started = None
+        if json_r is not None:
+            docs = [json.loads(line) for line in _read_all(json_r).decode(errors="replace").splitlines() if line.strip().startswith("{")]
+            started = any("exit-code" in d for d in docs)
+        wait_status = None
+        if status_r is not None:
+            text = _read_all(status_r).decode(errors="replace").strip()
+            wait_status = int(text) if text.isdigit() else None
+        elif plan.backend == "none":  # the program is our own child: Popen saw its real status
+            rc = proc.returncode
+            wait_status = -rc if rc < 0 else rc << 8
+        oom = cgroup.oom_kills() if cgroup is not None else 0
+        return Outcome(out, err, proc.returncode, wait_status, started, timed_out, overflow, oom, duration)
+    finally:
+        for fd in child_fds + parent_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if cgroup is not None:
+            cgroup.remove()
+        if mounted:
+            with contextlib.suppress(OSError):
+                kernel.unmount(work)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _exit_status(returncode: int, wait_status: Optional[int], exact: bool) -> tuple[Optional[int], Optional[int]]:
+    """(exit code, signal) of the program. With its raw wait status both are exact. Without it
+    (no reporter) bwrap and unshare report a signal N as 128+N, which an exit code above 128 looks
+    like too: then such a code is taken for a signal, the old ambiguity, and the layer is reported
+    missing."""
+    if wait_status is not None:
+        if os.WIFSIGNALED(wait_status):
+            return None, os.WTERMSIG(wait_status)
+        return os.WEXITSTATUS(wait_status), None
     if returncode < 0:
         return None, -returncode
-    if plan.backend != "none" and returncode > 128 and (returncode - 128) in {s.value for s in _signal.Signals}:
-        return returncode, returncode - 128
+    if not exact and returncode > 128 and (returncode - 128) in {s.value for s in _signal.Signals}:
+        return None, returncode - 128
     return returncode, None
 
 
@@ -237,33 +381,23 @@ def run_program(code: str, cfg: SandboxConfig, stdin: Optional[str] = None, time
     to match, so that RLIMIT_CPU does not cut a run the caller allowed to take longer.
 
     Raises SandboxError only when the sandbox itself cannot run (strict with a missing layer, no
-    usable interpreter); everything the program does is reported in the result."""
+    filesystem isolation without allow_no_filesystem_isolation, no usable interpreter); everything
+    the program does is reported in the result."""
     plan = ensure_isolation(cfg)
     timeout = float(timeout_s or cfg.timeout_s)
     if timeout > cfg.cpu_s and timeout > cfg.timeout_s:
         cfg = cfg.model_copy(update={"cpu_s": math.ceil(timeout)})
-    with _uid_slot(cfg, plan) as uid, _run_dir(code, stdin, uid, plan) as run_dir:
-        cmd = build_command(plan, cfg, run_dir, uid)
-        stdin_file = open(Path(run_dir, "stdin"), "rb") if stdin is not None else subprocess.DEVNULL
-        start = time.monotonic()
-        try:
-            proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=run_dir, env=host_env(), start_new_session=True, close_fds=True)
-        finally:
-            if stdin is not None:
-                stdin_file.close()
-        try:
-            out, err, timed_out, overflow = _collect(proc, timeout, cfg.max_output_bytes)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
-        duration = time.monotonic() - start
-    exit_code, sig = _exit_status(proc.returncode, plan)
-    if timed_out or overflow:
+    with _uid_slot(cfg, plan) as uid:
+        out = launch(plan, cfg, code, stdin, uid, timeout)
+    stderr = out.stderr.decode("utf-8", errors="replace")
+    if out.timed_out or out.overflow:
         exit_code, sig = None, _signal.SIGKILL
-    stderr = err.decode("utf-8", errors="replace")
-    status, detail = classify_exit(exit_code, sig, stderr, cfg, timed_out, timeout, overflow)
-    return ExecResult(status, exit_code, sig, out.decode("utf-8", errors="replace"), stderr, round(duration, 4), detail)
+    elif out.started is False:  # bwrap never exec'd: its own setup failed (the reason is on stderr)
+        tail = stderr.strip().splitlines()[-1][:300] if stderr.strip() else f"exit status {out.returncode}"
+        return ExecResult("error", None, None, "", stderr, round(out.duration_s, 4), f"sandbox failed to start: {tail}")
+    else:
+        exit_code, sig = _exit_status(out.returncode, out.wait_status, exact=plan.backend == "none")
+    status, detail = classify_exit(exit_code, sig, stderr, cfg, out.timed_out, timeout, out.overflow,
+                                   oom_killed=out.oom_kills > 0)
+    return ExecResult(status, exit_code, sig, out.stdout.decode("utf-8", errors="replace"), stderr,
+                      round(out.duration_s, 4), detail)

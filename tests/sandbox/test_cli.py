@@ -27,7 +27,7 @@ def test_exec_timeout_flag_and_exit_status(tmp_path, capsys):
 
 def test_exec_strict_refusal_uses_config(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("sandbox:\n  backend: unshare\n  python: /usr/bin/python3\n")
+    cfg.write_text("sandbox:\n  backend: unshare\n  python: /usr/bin/python3\n  allow_no_filesystem_isolation: true\n")
     prog = tmp_path / "p.py"
     prog.write_text("print(1)\n")
     assert main(["sandbox", "exec", "--file", str(prog), "--config", str(cfg), "--strict"]) == 2

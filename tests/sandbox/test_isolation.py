@@ -29,7 +29,9 @@ BWRAP = SandboxConfig(timeout_s=5, cpu_s=5, memory_mb=512)
 SYSTEM_PYTHON = "/usr/bin/python3"
 BACKENDS = [pytest.param(BWRAP, id="bwrap")]
 if os.path.exists(SYSTEM_PYTHON) and shutil.which("unshare"):
-    BACKENDS.append(pytest.param(BWRAP.model_copy(update={"backend": "unshare", "python": SYSTEM_PYTHON}), id="unshare"))
+    BACKENDS.append(pytest.param(BWRAP.model_copy(update={"backend": "unshare", "python": SYSTEM_PYTHON,
+                                                          "allow_no_filesystem_isolation": True}), id="unshare"))
+UNSHARE = BWRAP.model_copy(update={"backend": "unshare", "python": SYSTEM_PYTHON, "allow_no_filesystem_isolation": True})
 
 
 def assert_sandbox_still_works(cfg: SandboxConfig) -> None:
@@ -80,13 +82,13 @@ def test_report_lists_every_layer_active_on_this_machine():
 
 
 def test_strict_refuses_when_a_layer_is_missing():
-    cfg = BWRAP.model_copy(update={"backend": "unshare", "python": SYSTEM_PYTHON, "strict": True})
+    cfg = UNSHARE.model_copy(update={"strict": True})
     with pytest.raises(SandboxError, match="filesystem"):
         run_program("print(1)", cfg)
 
 
 def test_missing_layer_is_reported_once(caplog):
-    cfg = BWRAP.model_copy(update={"backend": "unshare", "python": SYSTEM_PYTHON})
+    cfg = UNSHARE
     isolation_mod._warned.discard("filesystem")
     with caplog.at_level(logging.WARNING, logger="domino_ray.sandbox.isolation"):
         ensure_isolation(cfg)

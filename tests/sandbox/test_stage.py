@@ -66,7 +66,8 @@ def test_missing_program_column_names_stage_and_columns():
 
 
 def test_strict_stage_refuses_at_construction_when_a_layer_is_missing():
-    cfg = CFG.model_copy(update={"strict": True, "backend": "unshare", "python": "/usr/bin/python3"})
+    cfg = CFG.model_copy(update={"strict": True, "backend": "unshare", "python": "/usr/bin/python3",
+                                 "allow_no_filesystem_isolation": True})
     with pytest.raises(SandboxError, match="strict"):
         SandboxStage(cfg.model_dump())
 
