@@ -77,13 +77,13 @@ def _learn_rows(lambda_: float) -> list[dict]:
 
 
 def make_run(root: Path, refs_file: Path, model_dir: Path, lambda_: float = 1.0, copies: int = 3,
-             report: dict | None = None, with_eval: bool = True) -> Path:
+             report: dict | None = None, with_eval: bool = True, references: dict | None = None) -> Path:
     """A run folder as learn/synthesize/evaluate write it: 3 + 6 + 1 non-empty drafts, of which
     `copies` are verbatim references (rejected not_novel), one repeats a novel draft (duplicate), and one
     more row is an empty draft."""
     root.mkdir(parents=True)
     cfg = config_from_dict({"preset": "tiny", "run": {"name": root.name, "output": str(root)},
-                            "backbone": {"model": str(model_dir)}, "references": {"source": str(refs_file)},
+                            "backbone": {"model": str(model_dir)}, "references": {"source": str(refs_file), **(references or {})},
                             "learn": {"lambda": lambda_}, "report": report or {}})
     (root / "manifest.json").write_text(json.dumps({"config": cfg.to_dict(), "stages": {
         "learn": {"status": "completed"}, "synthesize": {"status": "completed"}}}))
@@ -191,6 +191,28 @@ def test_copies_of_references_score_as_memorised_and_on_domain(tmp_path, refs_fi
     assert col["ngram_overlap_p90"] == pytest.approx(1.0)
     # Every reference has a copy among the synthetic samples: all are recalled and covered.
     assert col["recall"] == 1.0 and col["coverage"] == 1.0
+
+
+def test_a_holdout_split_is_the_real_set_and_memorisation_counts_only_training_references(tmp_path, refs_file,
+                                                                                          tiny_model_dir):
+    """references.holdout: 4 of the 12 references are held out (smallest sha256 of the text); the run
+    copies all 12 verbatim, so only the 8 copies of training references are memorised; the fine-tuned
+    model's held-out NLL shows up in the summary."""
+    from domino_ray.report import build_report
+
+    run = make_run(tmp_path / "split", refs_file, tiny_model_dir, copies=12, references={"holdout": 4})
+    nll_dir = run / "eval" / "finetuned"
+    nll_dir.mkdir(parents=True)
+    (nll_dir / "heldout_nll.json").write_text(json.dumps({"nll": 2.5, "token_nll": 2.4, "num_samples": 4}))
+    build_report(str(run))
+    m = json.loads((run / "report" / "metrics.json").read_text())
+    col = m["columns"]["split (λ=1)"]
+    assert m["fidelity_reference"] == "held-out"
+    assert m["columns"]["held-out"]["samples"] == 4 and m["columns"]["references"]["samples"] == 8
+    assert col["memorized_rate"] == pytest.approx(8 / 19)  # copies of held-out samples are not memorisation
+    assert col["finetuned held-out NLL"] == 2.5
+    md = (run / "report" / "report.md").read_text()
+    assert "finetuned held-out NLL (nats/token) ↓ | 2.500" in md
 
 
 def test_comparison_report_puts_runs_side_by_side(tmp_path, refs_file, tiny_model_dir):
