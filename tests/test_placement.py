@@ -70,14 +70,21 @@ def test_only_the_pools_that_run_untrusted_code_request_the_sandbox_resource(ray
     assert not [name for name, args in others.items() if SANDBOX_RESOURCE in (args.get("resources") or {})]
 
     evaluate = _ops(_score(ray.data.from_items([{"problem": "{}", "completion": ""}]), cfg.sandbox, "completion"))
-    (sandbox,) = [args for name, args in evaluate.items() if "SandboxStage" in name]
+    (sandbox,) = [args for name, args in evaluate.items() if "VerdictStage" in name]  # evaluation's sandbox pool
     assert sandbox["resources"] == WANT and sandbox["num_cpus"] == cfg.sandbox.pool.num_cpus
+    assert not [n for n, args in evaluate.items() if "VerdictStage" not in n and "resources" in args]
     assert ray.cluster_resources().get(SANDBOX_RESOURCE, 0) >= 0.01  # the test cluster offers it
 
     custom = config_from_dict({"sandbox": {"pool": {"resources": {"bwrap_ok": 0.5}}}})
     evaluate = _ops(_score(ray.data.from_items([{"problem": "{}", "completion": ""}]), custom.sandbox, "completion"))
-    (sandbox,) = [args for name, args in evaluate.items() if "SandboxStage" in name]
+    (sandbox,) = [args for name, args in evaluate.items() if "VerdictStage" in name]
     assert sandbox["resources"] == {"bwrap_ok": 0.5}
+
+    from domino_ray.sandbox import add_sandbox_stage  # the generic sandbox pool (benchmarks, tools)
+
+    generic = _ops(add_sandbox_stage(ray.data.from_items([{"program": "print(1)"}]), cfg.sandbox))
+    (sandbox,) = [args for name, args in generic.items() if "SandboxStage" in name]
+    assert sandbox["resources"] == WANT
 
 
 def test_pool_default_is_a_small_share_of_one_node():

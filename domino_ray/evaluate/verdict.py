@@ -442,12 +442,15 @@ def add_verdict_stage(ds, cfg: SandboxConfig):
     """`ds` followed by the verdict actor pool, sized by `cfg.pool` like the sandbox stage."""
     from ray.data import ActorPoolStrategy
 
+    from domino_ray.remote import sandbox_remote_args
+
     pool = cfg.pool
     return ds.map_batches(
         VerdictStage,
         fn_constructor_kwargs={"sandbox_cfg": cfg.model_dump(mode="json")},
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_cpus=pool.num_cpus,
+        **sandbox_remote_args(pool),  # untrusted code: only on sandbox-capable nodes (domino_ray/placement.py)
         batch_size=pool.batch_size,
         batch_format="numpy",
     )
