@@ -91,6 +91,8 @@ def _signal_name(sig: int) -> str:
 def _limit_from_exception(name: str, msg: str, cfg: SandboxConfig) -> Optional[str]:
     if name == "MemoryError":
         return f"memory limit of {cfg.memory_mb} MiB (RLIMIT_AS) reached"
+    if "Cannot allocate memory" in msg or "[Errno 12]" in msg:
+        return f"memory limit reached ({cfg.memory_mb} MiB per process, {cfg.memory_total_mb} MiB per run): {name}: {msg}"
     if "Resource temporarily unavailable" in msg or "[Errno 11]" in msg:
         return f"process limit of {cfg.max_processes} (RLIMIT_NPROC) reached: {name}: {msg}"
     if "Too many open files" in msg:

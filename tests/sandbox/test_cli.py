@@ -38,3 +38,14 @@ def test_exec_strict_refusal_uses_config(tmp_path, capsys):
 def test_exec_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["sandbox", "exec", "--file", str(tmp_path / "nope.py")]) == 2
     assert "nope.py" in capsys.readouterr().err
+
+
+def test_terminal_control_characters_are_shown_escaped(tmp_path, capsys):
+    prog = tmp_path / "ansi.py"
+    prog.write_text("import sys\nprint('\\x1b[2J\\x1b]0;pwned\\x07clear\\rX\\u202egnp.exe')\nsys.stderr.write('\\x1b[31mred\\n')\n")
+    assert main(["sandbox", "exec", "--file", str(prog)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\u202e" not in out
+    assert "\\x1b[2J\\x1b]0;pwned\\x07clear\\x0dX\\u202egnp.exe" in out and "\\x1b[31mred" in out
+    assert main(["sandbox", "exec", "--file", str(prog), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stdout"].startswith("\x1b[2J")  # JSON carries the exact bytes
