@@ -85,6 +85,31 @@ def test_samples_file_read_from_s3(he3, s3_server, s3_bucket):
     assert [(s.task_id, s.completion, s.origin) for s in samples] == [("HumanEval/2", "    return 0.0\n", f"{uri}:1")]
 
 
+def test_summary_sums_passes_of_real_verdicts():
+    """Issue 16: c of the estimator is the sum of a problem's passing samples, with samples that
+    really pass (canonical solutions, judged in the sandbox) next to wrong ones; the last sample
+    of each problem is wrong, so keeping any one sample's verdict gives other numbers."""
+    from domino_ray.config import SandboxConfig
+    from domino_ray.evaluate import judge_solution, reference_solution, results_table, summarize
+
+    cfg = SandboxConfig(timeout_s=10, cpu_s=10, memory_mb=512)
+    problems = load_benchmark("humaneval:0:1") + load_benchmark("humaneval:53:54")  # data path, assert path
+    plan = {"HumanEval/0": "RRW", "HumanEval/53": "WRW"}
+    rows = []
+    for p in problems:
+        for j, c in enumerate(plan[p.task_id]):
+            v = judge_solution(p, reference_solution(p) if c == "R" else p.prompt + "    return 0\n", cfg)
+            rows.append({"task_id": p.task_id, "sample_index": j, "solution": "x", "exec_status": v.status,
+                         "exec_detail": v.detail, "verdict_path": v.path})
+    table = results_table(rows, "humaneval", "m")
+    assert ["R" if ok else "W" for ok in table.column("passed").to_pylist()] == list("RRW" + "WRW")
+    assert table.column("verdict_path").to_pylist() == ["data"] * 3 + ["assert"] * 3
+    summary = summarize(table, [1, 2, 3], 3)
+    # by hand, n = 3, c = 2 and 1: pass@1 = (2/3 + 1/3) / 2; pass@2 = (1 + (1 - C(2,2)/C(3,2))) / 2; pass@3 = 1
+    assert summary["pass_at_k"] == pytest.approx({"pass@1": 0.5, "pass@2": (1 + 2 / 3) / 2, "pass@3": 1.0})
+    assert summary["problems_solved"] == 2 and summary["verdict_paths"] == {"data": 3, "assert": 3}
+
+
 # ------------------------------------------------------------------------ end to end (Ray + S3)
 def _mbpp_style_rows():
     """A plain-jsonl benchmark of bare asserts (MBPP style), with reference solutions."""
