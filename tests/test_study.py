@@ -171,7 +171,9 @@ def test_reduced_study_end_to_end(tiny_model_dir, tmp_path, ray_cluster):
     cfg = study_cfg(tiny_model_dir, str(tmp_path / "study"),
                     # the tiny model is no instruct model: in a chat it answers nothing, so it continues plain text
                     study={"arms": ["domino", "few-shot", "reference-sft"], "few_shot_k": 2, "few_shot_chat": False},
-                    synthesize={"num_samples": 4, "block_size": 4},
+                    synthesize={"num_samples": 4, "block_size": 4,  # few-shot prompts are ~400 tiny-model tokens
+                                "draft": {"engine": {"kind": "hf", "max_model_len": 768}, "pool": {"batch_size": 4},
+                                          "sampling": {"max_tokens": 24}, "reject_truncated": False}},
                     finetune={"lr": 5e-3},
                     evaluate={"benchmark": "humaneval:100:101", "num_samples": 2, "k": [1, 2],
                               "sampling": {"temperature": 0.8, "max_tokens": 16}})
@@ -200,6 +202,11 @@ def test_reduced_study_end_to_end(tiny_model_dir, tmp_path, ray_cluster):
     assert expected != pytest.approx(base, rel=1e-6)  # the adapter was applied
     for r in runs.values():
         assert set(r["pass_at_k"]) == {"pass@1", "pass@2"} and r["n"] == 2
+    # what `domino run` puts in its results (and the manifest's pipeline record) for the summary
+    record = json.loads((tmp_path / "study" / "base" / "manifest.json").read_text())["stages"]["pipeline"]
+    assert record["heldout_nll"]["base"] == runs["base"]["heldout_nll"] and record["heldout_nll"]["num_samples"] == 4
+    record = json.loads((tmp_path / "study" / "arms" / "reference-sft" / "manifest.json").read_text())["stages"]["pipeline"]
+    assert record["heldout_nll"]["finetuned"] == runs["reference-sft"]["heldout_nll"] and record["heldout_nll"]["base"] is None
 
     study = json.loads((tmp_path / "study" / "study.json").read_text())
     assert study["status"] == "completed" and study["runs"]["domino"]["heldout_nll"] == runs["domino"]["heldout_nll"]

@@ -126,7 +126,10 @@ def build_study_report(cfg: DominoConfig, arm_roots: dict[str, str], base_root: 
             f"Sample metrics judge {'every non-empty draft' if cfg.report.samples == 'drafts' else 'accepted drafts'}; "
             f"fidelity is against the {data.real_name} samples, memorisation against the training references. "
             f"Held-out NLL and pass@k are of the model fine-tuned on the arm's data (base model: before fine-tuning). "
-            f"reference-sft has no synthetic set, so its sample metrics are empty.")
+            f"reference-sft has no synthetic set, so its sample metrics are empty; it is trained on the same kind of "
+            f"text the held-out NLL scores (problem statements, every token a target), while the synthetic arms are "
+            f"trained on (draft -> response) pairs with the loss on the response only, so for them the NLL measures "
+            f"transfer, and pass@k is the downstream check.")
     lead = [("Study: every arm, every metric", note, head, body)]
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     title = f"DOMINO study: {', '.join(arm_roots)}"
