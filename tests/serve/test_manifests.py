@@ -53,3 +53,23 @@ def test_rayservice_embeds_the_serve_config_and_has_gpus_for_its_replicas():
     s = load_config(repo_path(app["args"]["config"]), overrides=app["args"]["overrides"]).serve
     assert gpu["minReplicas"] >= s.draft.min_replicas + s.respond_replicas.min_replicas
     assert gpu["maxReplicas"] >= s.draft.max_replicas + s.respond_replicas.max_replicas
+
+
+def test_app_builder_serves_the_config_run_by_default_and_refuses_unknown_args(serve_domains, tiny_model_dir, tmp_path):
+    import pytest
+    from ray.serve import Application
+
+    from domino_ray.config import ConfigError
+    from domino_ray.serve.app import app_builder
+    from domino_ray.serve.domains import DomainError
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "alpha", "output": str(serve_domains["alpha"])},
+                                   "backbone": {"model": str(tiny_model_dir)}}))
+    assert isinstance(app_builder({"config": str(cfg), "overrides": {"serve": {"max_samples": 3}}}), Application)
+    with pytest.raises(ConfigError, match="unknown keys \\['replicas'\\]"):
+        app_builder({"config": str(cfg), "replicas": 2})
+    with pytest.raises(ConfigError, match="serve.draft.num_gpu"):
+        app_builder({"config": str(cfg), "overrides": {"serve": {"draft": {"num_gpu": 1}}}})
+    with pytest.raises(DomainError, match="missing"):
+        app_builder({"config": str(cfg), "runs": [str(tmp_path / "missing")]})
