@@ -162,3 +162,26 @@ def test_domains_learned_on_another_backbone_are_refused_by_name(serve_domains, 
     with pytest.raises(DomainError, match=r"wide \(learned on 'other-model', H=64") as info:
         check_domains_fit(load_domains([str(serve_domains["alpha"]), str(tmp_path / "wide")]), str(tiny_model_dir))
     assert "alpha" not in str(info.value).split("cannot serve:")[1]
+
+
+def test_the_serve_package_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, domino_ray.serve, domino_ray.serve.api, domino_ray.serve.domains\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'ray', 'vllm') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_domino_serve_refuses_a_run_without_a_representation_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "domino_ray", "serve", "--run", str(tmp_path / "empty")],
+                          capture_output=True, text=True, timeout=120, env={"RAY_ADDRESS": "", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    assert "domain" in proc.stderr and "representation.json" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
