@@ -194,3 +194,28 @@ def test_peft_adapter_loads_with_peft_and_conditions_like_d(tmp_path, tiny_model
         embeds = torch.cat([rep.domain[None], base.get_input_embeddings()(ids)], dim=1)
         ours = base(inputs_embeds=embeds).logits[:, P:]
     torch.testing.assert_close(peft_logits, ours)
+
+
+def test_peft_adapter_with_the_bos_option_is_bos_then_d(tmp_path, tiny_model_dir, tiny_config):
+    """learn.bos: the exported prompt is [embed(BOS) ; D] (P + 1 virtual tokens), so PEFT's forward on
+    ids without a BOS sees the training layout [BOS ; D ; X], checked against a hand-built forward."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    bos = 3
+    save_representation(str(tmp_path / "run"), make_domain(tiny_config.hidden_size, seed=4) * 0.02,
+                        dict(make_meta(tiny_config, str(tiny_model_dir)), bos_token_id=bos))
+    rep = load_representation(str(tmp_path / "run"))
+    assert rep.bos_token_id == bos
+    out = export_peft_adapter(rep, tmp_path / "adapter", str(tiny_model_dir))
+    assert json.loads((out / "adapter_config.json").read_text())["num_virtual_tokens"] == P + 1
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.tensor([[5, 17, 42, 9]])
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits[:, P + 1:]
+        emb = base.get_input_embeddings()
+        embeds = torch.cat([emb(torch.tensor([[bos]])), rep.domain[None], emb(ids)], dim=1)
+        ours = base(inputs_embeds=embeds).logits[:, P + 1:]
+    torch.testing.assert_close(peft_logits, ours)

@@ -19,11 +19,43 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
-    from domino_ray.engines.vllm import VLLMEngine
+    from domino_ray.config import BackboneConfig, EngineConfig
+    from domino_ray.engines import build_engine
 
-    engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=512, soft_prompt=True, cpu_kv_cache_gb=0.5)
+    # through the config, so that engine.cpu_kv_cache_gb is what sizes the cache (test below)
+    engine = build_engine(EngineConfig(kind="vllm", dtype="float32", max_model_len=512, cpu_kv_cache_gb=0.5),
+                          BackboneConfig(model=str(tiny_model_dir), device="cpu"), soft_prompt=True)
     yield engine
     engine.shutdown()
+
+
+def kv_blocks_by_hand(engine, gib: float) -> int:
+    """KV blocks that `gib` GiB hold for the tiny model: keys + values of every layer, fp32."""
+    cfg = engine.model_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    block_size = engine.llm.llm_engine.vllm_config.cache_config.block_size
+    return int(gib * 1024**3) // (per_token * block_size)
+
+
+def test_kv_cache_is_sized_by_cpu_kv_cache_gb(vllm_engine):
+    blocks = vllm_engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    assert blocks == kv_blocks_by_hand(vllm_engine, 0.5)
+
+
+def test_prompt_layout_is_soft_prefix_then_tokens_against_a_hand_built_forward(vllm_engine, hf_engine, soft_prefix):
+    """vLLM's prompt embeddings are `cat([D, embed(ids)])` (planted bug 1 of issue 16): its greedy tokens
+    equal full forwards built by hand from the transformers model's embedding module."""
+    from tests.engines.test_hf import greedy_by_hand
+
+    ids = [202, 262, 300]
+    got = vllm_engine.generate([Req(soft_prefix=soft_prefix, token_ids=ids)], SP(temperature=0.0, max_tokens=12))
+    tokens = got[0].completions[0].token_ids
+    expected = greedy_by_hand(hf_engine.model, soft_prefix, ids, 12)
+    assert tokens == expected[:len(tokens)] and (len(tokens) == 12 or tokens[-1] == hf_engine.tokenizer.eos_token_id)
+    emb = hf_engine.model.get_input_embeddings()
+    torch.testing.assert_close(vllm_engine.embed_token_ids([5, 9]), emb(torch.tensor([5, 9])).detach(),
+                               rtol=0, atol=0)
 
 
 def conformance_requests(soft_prefix):
@@ -87,7 +119,8 @@ def test_lora_adapter_matches_transformers_and_shutdown_ends_the_engine_core(tin
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_model_len=512, lora_path=str(lora_adapter),
-                        cpu_kv_cache_gb=0.5)
+                        cpu_kv_cache_gb=0.25)
+    assert engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == kv_blocks_by_hand(engine, 0.25)
     started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     assert any("EngineCore" in p.name() for p in started)
 
