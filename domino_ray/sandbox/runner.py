@@ -225,17 +225,14 @@ def _collect(proc: subprocess.Popen, timeout_s: float, cap: int) -> tuple[bytes,
 
 
 # ------------------------------------------------------------------------------------- launching
-def _spawn(cmd: list[str], stdin, cwd: str, pass_fds: tuple[int, ...], plan: IsolationPlan,
-           uid: Optional[int]) -> subprocess.Popen:
-    """Popen from a short-lived thread of its own: the thread first empties the slot uid's
-    keyrings and joins a fresh session keyring (kernel credentials are per thread, so no other
-    thread of this process is touched), and the child inherits that new, empty keyring."""
-    def popen() -> subprocess.Popen:
-        return subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                                env=host_env(), start_new_session=True, close_fds=True, pass_fds=pass_fds)
-
+def _in_launcher_thread(plan: IsolationPlan, uid: Optional[int], fn):
+    """Call fn() in a thread of its own that first empties the slot uid's keyrings and joins a
+    fresh session keyring (kernel credentials are per thread, so no other thread of this process is
+    touched); the child started by fn inherits that new, empty keyring. The thread lives until fn
+    has reaped the child: bwrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the
+    parent THREAD exits, so a thread that ended right after the spawn would kill the run."""
     if not plan.has("session_keyring"):
-        return popen()
+        return fn()
     box: dict = {}
 
     def target() -> None:
@@ -243,16 +240,16 @@ def _spawn(cmd: list[str], stdin, cwd: str, pass_fds: tuple[int, ...], plan: Iso
             if uid is not None and plan.as_root:
                 kernel.clear_user_keyrings(uid)
             kernel.join_fresh_session_keyring()
-            box["proc"] = popen()
+            box["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = e
 
-    thread = threading.Thread(target=target, name="domino-sandbox-spawn")
+    thread = threading.Thread(target=target, name="domino-sandbox-launch")
     thread.start()
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box["proc"]
+    return box["value"]
 
 
 def _read_all(fd: Optional[int]) -> bytes:
@@ -316,24 +313,31 @@ def launch(plan: IsolationPlan, cfg: SandboxConfig, code: str, stdin: Optional[s
         parent_fds = [fd for fd in (json_r, status_r) if fd is not None]
         fds = LaunchFds(seccomp_fd, json_w, status_w)
         cmd = join_prefix(cgroup) + build_command(plan, cfg, run_dir, uid, fds)
-        stdin_file = open(Path(run_dir, "stdin"), "rb") if stdin is not None else subprocess.DEVNULL
+        cwd = work if plan.backend != "bwrap" else run_dir
         start = time.monotonic()
-        try:
-            proc = _spawn(cmd, stdin_file, work if plan.backend != "bwrap" else run_dir, tuple(child_fds), plan, uid)
-        finally:
-            if stdin is not None:
-                stdin_file.close()
-            for fd in child_fds:
-                os.close(fd)
-            child_fds = []
-        try:
-            out, err, timed_out, overflow = _collect(proc, timeout, cfg.max_output_bytes)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+
+        def run_child():
+            nonlocal child_fds
+            stdin_file = open(Path(run_dir, "stdin"), "rb") if stdin is not None else subprocess.DEVNULL
+            try:
+                proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+                                        env=host_env(), start_new_session=True, close_fds=True, pass_fds=tuple(child_fds))
+            finally:
+                if stdin is not None:
+                    stdin_file.close()
+                for fd in child_fds:
+                    os.close(fd)
+                child_fds = []
+            try:
+                return proc, _collect(proc, timeout, cfg.max_output_bytes)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                proc.stdout.close()
+                proc.stderr.close()
+
+        proc, (out, err, timed_out, overflow) = _in_launcher_thread(plan, uid, run_child)
         duration = time.monotonic() - start
         started = None
         if json_r is not None:
