@@ -193,3 +193,74 @@ def test_decontamination_against_a_jsonl_eval_file(tmp_path):
     leaked = "Exercise: rotate a square matrix ninety degrees clockwise in place and return the same list object."
     assert index.contaminated(leaked)
     assert not index.contaminated("Rotate a linked list to the right by k places and return the new head node.")
+
+
+# -------------------------------------------------------------------- edges the mutation run found
+def test_extract_code_fallbacks_and_exact_bodies():
+    # each Python tag counts, and an untagged block beats an earlier non-Python one
+    assert filters.extract_code("```text\nnote\n```\n```py\nX = 1\n```") == "X = 1"
+    assert filters.extract_code("```text\nnote\n```\n```Python3\nX = 2\n```") == "X = 2"
+    assert filters.extract_code("```text\nnote\n```\n```\nX = 3\n```") == "X = 3"
+    # no Python block: the first block, not the second; only newlines are trimmed, never indentation
+    assert filters.extract_code("```js\n  X = 1;\n```\n```sh\nls\n```") == "  X = 1;"
+    assert filters.extract_code("```js\nX = 1;\n```") == "X = 1;"
+    assert filters.extract_code("```python\n\n    X = 4\n\n```") == "    X = 4"
+
+
+def test_shingles_of_short_and_long_texts():
+    assert filters._shingles("a b c", 5) == [b"a b c"]  # fewer words than a shingle: the words themselves
+    assert filters._shingles("a b c d e", 5) == [b"a b c d e"]
+    assert filters._shingles("A b c d e f", 5) == [b"a b c d e", b"b c d e f"]
+
+
+def test_exact_key_is_the_128_bit_blake2b_of_the_normalised_words():
+    # The key is stored in the work files and compared by a later (resumed) process: its format is a contract.
+    import hashlib
+
+    assert filters.exact_key("Write  a FUNCTION!") == hashlib.blake2b(b"write a function", digest_size=16).hexdigest()
+
+
+def test_one_shared_ngram_is_contamination_and_sources_are_counted():
+    index = filters.build_ngram_index(["a b c d e f g h", "i j k l m n o p"], n=8)
+    assert index.sources == 2
+    text = "x a b c d e f g h y"  # exactly one 8-gram in common
+    assert index.overlap(text) == 1 and index.contaminated(text)
+
+
+def test_novelty_names_the_reference_with_most_overlap_lowest_index_on_ties():
+    refs = ["p5 q r s", "t u v w5", "one two three four five six"]
+    index = filters.build_novelty_index(refs, n=4)
+    assert index.num_refs == 3
+    assert index.max_overlap("one two three four five six") == (1.0, 2)
+    # 2 of its 6 grams from ref 2, 1 from ref 0: the reference with the most, not the lowest index
+    assert index.max_overlap("p5 q r s one two three four five") == (2 / 6, 2)
+    # a tie (one gram each from refs 0 and 1, ref 1's gram met first in set order): the lowest index
+    grams = filters.hashed_ngrams("p5 q r s t u v w5", 4)
+    first = next(ref for g in grams for ref in index.postings.get(g, ()))
+    assert first == 1  # the precondition that makes this a tie-break test
+    assert index.max_overlap("p5 q r s t u v w5") == (0.2, 0)
+
+
+def test_dedup_at_exactly_the_threshold_and_repeated_seeds():
+    import numpy as np
+
+    dd = filters.Deduplicator(threshold=0.5, num_perm=128)
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 2**31, size=128, dtype=np.uint32)
+    half = base.copy()
+    half[64:] += 1  # exactly 64 of 128 values equal: estimated Jaccard 0.5, the threshold itself
+    assert dd.check(0, "k0", base.tobytes()) is None
+    assert dd.check(1, "k1", half.tobytes()) == 0  # >= threshold is a duplicate
+    with pytest.raises(ValueError, match="increasing seeds"):
+        dd.check(1, "k2", base.tobytes())  # the same seed twice is out of order too
+
+
+def test_lsh_narrows_the_candidates():
+    # The exact comparison runs on LSH candidates only, never on every kept sample (that would be N^2).
+    a, b = TWO_KEPT
+    unrelated = " ".join(f"u{i}" for i in range(100))
+    dd = filters.Deduplicator(threshold=0.3, num_perm=128)
+    for seed, text in enumerate((a, b, unrelated)):
+        assert dd.check(seed, *_sig(text)) is None
+    query = dd._minhash(np.frombuffer(filters.minhash_signature(MATCHES_BOTH, 128), dtype=dd._dtype))
+    assert sorted(int(k) for k in dd._lsh.query(query)) == [0, 1]
