@@ -193,11 +193,20 @@ def _check_resumable(storage: Storage, learn_uri: str, expect: dict[str, Any]) -
     if progress is None:
         return
     bad = [f"{k}: checkpoint {progress.get(k)!r}, now {expect[k]!r}" for k in _RESUME_FIELDS
-           if k in expect and progress.get(k) != expect[k]]
+           if k in expect and not _same(k, progress.get(k), expect[k])]
     if bad:
         raise ValueError(
             f"{learn_uri} holds checkpoints of another setup ({'; '.join(bad)}). A re-run with the same run "
             f"root resumes them; use a new run.output for new references or shapes, or delete {learn_uri}.")
+
+
+def _same(field: str, saved: Any, now: Any) -> bool:
+    """Checkpoint field equality; a signature without a weights part (older checkpoints) matches on the
+    architecture part alone."""
+    if field == "backbone_signature" and isinstance(saved, str) and isinstance(now, str):
+        (arch_a, _, w_a), (arch_b, _, w_b) = saved.partition("-"), now.partition("-")
+        return arch_a == arch_b and (not w_a or not w_b or w_a == w_b)
+    return saved == now
 
 
 def _storage_args(storage: Storage, run_root: str) -> dict[str, Any]:
