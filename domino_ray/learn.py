@@ -9,8 +9,9 @@ alone) and are saved per rank in the checkpoint. Every worker runs the same numb
 epoch (collectives must match), which `objective.make_batches` guarantees by spreading remainders.
 
 Input layout, shared with generation: `[D ; S_i ; tokens(references.prefix) ; tokens(X)]` in
-training, `[D ; tokens(references.prefix)]` when sampling; the prefix is stored in
-representation.json so the engines use the same one.
+training, `[D ; tokens(references.prefix)]` when sampling, both preceded by the tokenizer's BOS with
+`learn.bos`; the prefix and the BOS id are stored in representation.json so the engines use the same.
+Every worker's batches have the sizes of the smallest shard's (`epoch_batch_sizes`).
 
 Outputs under the run root:
     <run>/learn/                 Ray Train checkpoints `epoch_NNNN/` (domain.pt, progress.json,

@@ -14,20 +14,29 @@ tau = 1 gives the formulas of DESIGN section 1 exactly; the released variant div
 three variants read the temperature the same way.
 
 Input layout (generation must use the same): `[D ; (S_i) ; tokens(prefix) ; tokens(X)]`, where the
-prefix is `references.prefix` (fixed text, context only, never a target). Every token of X is a
-target, the first one included (it is predicted from the last context position).
+prefix is `references.prefix` (fixed text, context only, never a target); with `learn.bos` the
+tokenizer's BOS comes first (`lead_ids`: `[BOS ; D ; ...]`). Every token of X is a target, the first
+one included (it is predicted from the last context position). Token embeddings always come from the
+model's input-embedding module and logits from the model's own forward, so whatever a family does
+there (Gemma's sqrt(H) embedding scale, Cohere's logit_scale, Granite's logits_scaling, Gemma-2's
+final soft-cap) is in both implementations.
 
 Normalisation: `sample` divides each sample's summed NLL by its own token count; `token` divides by
 the mean token count of the batch, so that L1 = (all token NLLs) / (all tokens) and M stays in the
 same units.
 
 Two implementations with the same results (tests compare them to ~1e-5 in fp32):
-- `domino_loss` (used for training): one batched forward of the B context rows `[D ; S_i ; prefix]`
+- `domino_loss` (used for training on attention-only models): one batched forward of the B context
+  rows `[D ; S_i ; prefix]`
   (+ one `[D ; prefix]` row when the prefix is not empty; when it is, the D-only context is the
   first P positions of any row, as attention is causal) with the KV cache on. Then only the text
   tokens run, against the cached keys/values: B rows for L1, B^2 rows for M (row i's cache
   broadcast to its B texts). Gradients flow back through the cache into D and S_i. The diagonal of
-  M gives the positive terms. Cost: B (+1) context rows + B^2 + B text rows.
+  M gives the positive terms. Cost: B (+1) context rows + B^2 + B text rows. The caches are built
+  without the model config, so a sliding-window layer never crops the context (its window is still
+  applied by the model's mask). Models with recurrent or linear-attention layers (Qwen3-Next, SSMs)
+  cannot share a cache across rows: `domino_loss` raises UnsupportedCacheError for them and
+  `loss_function(model)` returns the exact straightforward formulation instead, with a warning.
 - `domino_loss_straightforward` (reference and benchmark baseline): the released code's way, full
   sequences `[D;X]`, `[D;S_i;X_i]` and per i `[D;S_i;X_j]` for all j: B + 2 forward passes,
   B^2 + 2B full rows, the diagonal computed twice.
