@@ -130,7 +130,7 @@ def soft_requests(engine, n: int, p: int, with_soft: bool):
     prefix_ids = torch.randint(10, vocab, (p,), generator=gen).tolist()
     texts = [r.text for r in prompts(n)]
     if with_soft:  # the soft-prompt engine holds the input embedding table
-        soft = engine._embedding[torch.tensor(prefix_ids)].float()
+        soft = engine.embed_token_ids(prefix_ids).float()
         return [GenerationRequest(soft_prefix=soft, text=t) for t in texts]
     tok = engine.tokenizer
     return [GenerationRequest(token_ids=prefix_ids + tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
