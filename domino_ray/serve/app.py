@@ -37,7 +37,10 @@ def resolve_config(config_path: Optional[str], runs: Sequence[str]) -> DominoCon
             if storage.exists(manifest) and storage.read_json(manifest).get("config"):
                 log.info("serve: using the config stored in %s", manifest)
                 return absolute_local_paths(config_from_dict(storage.read_json(manifest)["config"], source=manifest))
-    return DominoConfig()
+    # no stored config: the defaults, on the backbone the first representation was learned on
+    domains = load_domains(list(runs)[:1], storage=storage) if runs else {}
+    backbone = next(iter(domains.values())).backbone if domains else None
+    return DominoConfig() if not backbone else config_from_dict({"backbone": {"model": backbone}})
 
 
 def resolve_domains(cfg: DominoConfig, runs: Sequence[str]) -> dict[str, Domain]:
