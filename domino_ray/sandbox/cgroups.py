@@ -7,8 +7,10 @@ unified hierarchy, where the controllers are delegated to the cgroup this proces
 run cgroup is a child of this process's own cgroup in every hierarchy, so the limits of whatever
 contains this process (a container, a Ray worker) still apply on top.
 
-The launcher joins the cgroup before it execs bubblewrap (a `sh -c 'echo $$ > cgroup.procs'`
-prefix), so every process of the run, from bubblewrap's first fork on, is inside it.
+Every process of the run is inside it from its first instruction on: under v1 the launching
+thread itself moves into the cgroup for the spawn and back right after it (v1 places threads, and a
+child starts in its parent thread's cgroups); under v2, where a thread cannot leave its process's
+cgroup, the launcher joins it before it execs bubblewrap (a `sh -c 'echo $$ > cgroup.procs'` prefix).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import itertools
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +94,21 @@ class RunCgroup:
                 if key == "oom_kill":
                     return int(value)
         return 0
+
+    @contextlib.contextmanager
+    def thread_inside(self, parents: dict[str, str]):
+        """v1: the calling thread in this cgroup (children it spawns meanwhile start inside),
+        back in `parents` afterwards."""
+        tid = str(threading.get_native_id())
+        moved: list[str] = []
+        try:
+            for ctl, path in self.dirs.items():
+                _write(path, "tasks", tid)
+                moved.append(ctl)
+            yield
+        finally:
+            for ctl in moved:
+                _write(parents[ctl], "tasks", tid)
 
     def pids(self) -> list[int]:
         out: set[int] = set()
@@ -181,8 +199,9 @@ def detect_cgroups() -> CgroupHost:
 
 
 def join_prefix(cgroup: Optional[RunCgroup]) -> list[str]:
-    """argv prefix that moves the launcher into `cgroup` and then execs the rest of the argv."""
-    if cgroup is None:
+    """v2: argv prefix that moves the launcher into `cgroup` and then execs the rest of the argv
+    (v1 needs none: see RunCgroup.thread_inside)."""
+    if cgroup is None or cgroup.version == 1:
         return []
     script = 'for f in ' + " ".join(_sh_quote(p) for p in cgroup.procs_files) + '; do echo $$ > "$f" || exit 125; done; exec "$@"'
     return ["/bin/sh", "-c", script, "sh"]

@@ -3,13 +3,14 @@ machine has, which layers they give, and the command line that applies them to o
 
 Every execution is a fresh child process started through, outermost first (as root, the normal case):
 
-    sh      joins the run's own cgroup (memory incl. memfd and tmpfs, pids, CPU quota), then execs
+    (the run's own cgroup: memory incl. memfd and tmpfs, pids, CPU quota; joined before the spawn)
     bwrap   new network, pid, ipc, uts and cgroup namespaces; a new root holding only read-only
             /usr (+ the /bin, /lib symlinks), a few /etc files and the interpreter's install prefix;
             the run's tmpfs (size- and inode-capped) at /sandbox as the only writable place (/tmp
             points there); no /root, no /home, no host /tmp; empty environment; its own session;
             the seccomp filter of seccomp.py loaded right before the next exec
-    perl    the exit-status reporter (root, so the program cannot signal it): waits for the program
+    perl    the exit-status reporter and the namespace's init (root, so the program cannot signal
+            it; when it exits every process left in the namespace dies): waits for the program
             and writes its raw wait status to a pipe, so a signal is told apart from an exit code
             above 128 (bwrap reports both as 128+N, its --json-status-fd too)
     setpriv drop to a dedicated unprivileged uid/gid (not in /etc/passwd) with no supplementary
@@ -292,6 +293,8 @@ def _bwrap_mounts(plan: IsolationPlan) -> list[str]:
 def _bwrap_argv(plan: IsolationPlan, cfg: SandboxConfig, run_dir: str, uid: Optional[int], fds: LaunchFds) -> list[str]:
     if plan.as_root and plan.switches_uid:
         namespaces = ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        if _reporter_argv(plan, fds):
+            namespaces.append("--as-pid-1")  # the reporter is the namespace's init: one fork less
     elif plan.as_root:  # root without setpriv: a user namespace at least drops real root
         namespaces = ["--unshare-all", "--uid", str(cfg.uid), "--gid", str(cfg.uid)]
     else:

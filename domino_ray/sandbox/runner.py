@@ -319,9 +319,12 @@ def launch(plan: IsolationPlan, cfg: SandboxConfig, code: str, stdin: Optional[s
         def run_child():
             nonlocal child_fds
             stdin_file = open(Path(run_dir, "stdin"), "rb") if stdin is not None else subprocess.DEVNULL
+            inside = (cgroup.thread_inside(plan.cgroups.parents) if cgroup is not None and cgroup.version == 1
+                      else contextlib.nullcontext())
             try:
-                proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
-                                        env=host_env(), start_new_session=True, close_fds=True, pass_fds=tuple(child_fds))
+                with inside:
+                    proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd,
+                                            env=host_env(), start_new_session=True, close_fds=True, pass_fds=tuple(child_fds))
             finally:
                 if stdin is not None:
                     stdin_file.close()
