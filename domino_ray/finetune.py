@@ -472,7 +472,8 @@ def _fit(cfg: DominoConfig, storage: Storage, paths: dict[str, str], worker_cfg:
 def _export(cfg: DominoConfig, paths: dict[str, str], checkpoint, base_model: str) -> dict[str, Any]:
     """Export (and merge) on a worker, never on the driver: the merge loads the whole base model
     (a 7B one is ~15 GB in bf16), and on a cluster the driver shares the head with the GCS. The task
-    asks for the training workers' CPUs and, with use_gpu, a GPU, so it lands where a model fits."""
+    asks for the training workers' CPUs and, with use_gpu, a GPU, so it lands where a model fits (on
+    the cluster manifests the GPU nodes also have the disk for a 7B checkpoint; the head has no CPUs)."""
     from domino_ray.remote import run_on_worker
 
     ft = cfg.finetune
