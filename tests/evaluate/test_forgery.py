@@ -24,7 +24,8 @@ CFG = SandboxConfig(timeout_s=10, cpu_s=10, memory_mb=512)
 
 @pytest.fixture(scope="module")
 def he():
-    return {p.task_id: p for p in load_benchmark("humaneval:0:3") + load_benchmark("humaneval:32:33")}
+    return {p.task_id: p for p in load_benchmark("humaneval:0:3") + load_benchmark("humaneval:32:33")
+            + load_benchmark("humaneval:53:54")}
 
 
 def judge(p: Problem, completion: str):
@@ -37,7 +38,8 @@ def assert_not_passed(verdict, why: str = ""):
 
 # ------------------------------------------------------------------------------ the forgeries
 # HumanEval/2 truncate_number (`== 0.5`, then `abs(candidate(x) - v) < 1e-6`): data path.
-# HumanEval/32 find_zero (random polynomials, `math.fabs(poly(coeffs, x)) < 1e-4`): assert path.
+# HumanEval/32 find_zero (random polynomials, `math.fabs(poly(coeffs, x)) < 1e-4`) and /53 add
+# (random pairs, `candidate(x, y) == x + y`): assert path.
 EARLY_EXITS = [
     "    import os\n    os._exit(0)\n",
     "    return 0.0\nimport os\nos._exit(0)\n",  # at load time
@@ -61,6 +63,7 @@ ALWAYS_EQUAL = [  # beat `==` and `abs(a - b) < eps`
     ("    class A:\n        def __eq__(self, other):\n            return True\n"
      "        def __sub__(self, other):\n            return self\n        def __rsub__(self, other):\n            return self\n"
      "        def __abs__(self):\n            return 0\n    return A()\n"),
+    "    class B:\n        __eq__ = lambda s, o: True\n        __sub__ = __rsub__ = lambda s, o: 0.0\n    return B()\n",
     ("    class F(float):\n        __eq__ = lambda self, other: True\n        __sub__ = lambda self, other: F(0.0)\n"
      "    return F(7.0)\n"),
     ("    X = type('X', (), {'__eq__': lambda s, o: True, '__sub__': lambda s, o: 0.0, '__rsub__': lambda s, o: 0.0})\n"
@@ -113,14 +116,17 @@ def test_forgeries_fail_on_the_data_path_humaneval_2(he, forgery_class):
     assert judge(p, "    return number % 1.0\n").status == "passed"
 
 
+@pytest.mark.parametrize("task", ["HumanEval/32", "HumanEval/53"])
 @pytest.mark.parametrize("forgery_class", sorted(CLASSES))
-def test_forgeries_fail_on_the_assert_path_humaneval_32(he, forgery_class):
-    p = he["HumanEval/32"]
+def test_forgeries_fail_on_the_assert_path(he, forgery_class, task):
+    """HumanEval/32 (find_zero, random polynomials) and /53 (add, random pairs compared with `==`,
+    which an always-equal object beats when nothing refuses it)."""
+    p = he[task]
     exp = expected_values(p, CFG)
     assert exp.tests is None and "not plain comparisons" in exp.why_not  # randomized check: assert path
     statuses = []
     for completion in CLASSES[forgery_class]:
-        v = judge(p, completion)  # 0.0 is not a root of its polynomials
+        v = judge(p, completion)  # 0.0 is neither a root of 32's polynomials nor x + y
         assert_not_passed(v, completion)
         assert v.path == "assert"
         statuses.append(v.status)

@@ -143,14 +143,14 @@ def test_score_samples_on_s3_sums_passes_per_problem(ray_cluster, s3_server, s3_
     cfg = tmp_path / "cfg.yaml"
     s3 = s3_server.model_dump()
     cfg.write_text(json.dumps({
-        "run": {"output": out}, "storage": {"s3": s3}, "evaluate": {"benchmark": f"jsonl:{bench}", "k": [1, 2, 3]},
+        "run": {"output": out}, "storage": {"s3": s3}, "evaluate": {"benchmark": f"jsonl:{bench}", "num_samples": 4, "k": [1, 2, 3]},
         "sandbox": {"pool": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.25, "batch_size": 8}},
     }))
     assert main(["evaluate", "--config", str(cfg), "--samples", samples]) == 0
     summary = storage.read_json(f"{out}/eval/model-x/summary.json")
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/eval/model-x/results.parquet"))).to_pylist()
     got = {t: "".join("R" if r["passed"] else "W" for r in table if r["task_id"] == t) for t in plan}
-    assert got == plan
+    assert got == plan, [(r["task_id"], r["status"], r["detail"]) for r in table]
     paths = {r["task_id"]: r["verdict_path"] for r in table}
     assert paths == {"sq": "data", "rev": "data", "inc": "assert"}
     # by hand, n = 4: pass@1 = mean c/n = (3 + 1 + 2) / 12; pass@2 = mean 1 - C(n-c, 2)/C(4, 2) =
