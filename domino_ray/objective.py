@@ -545,10 +545,16 @@ def domino_loss(model, D: torch.Tensor, S: Optional[torch.Tensor], texts: TextBa
     ctx, l1_row, l1_len, m_len = _context_rows(soft_d, S.to(dtype) if with_m else None, prefix_emb, with_m)
     positions = sorted({l1_len - 1} | ({m_len - 1} if with_m else set()))
     # The B (+1) context rows, into a cache without the config: no layer crops it to a sliding window.
-    out = model(inputs_embeds=ctx, past_key_values=DynamicCache(), use_cache=True,
-                logits_to_keep=torch.tensor(positions, device=device))
+    keep = torch.tensor(positions, device=device)
+    try:
+        out = model(inputs_embeds=ctx, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=keep)
+        ctx_logits = out.logits  # (R, len(positions), V), through the model's own logit post-processing
+    except TypeError as e:  # a (remote-code) model without logits_to_keep: all positions, then pick
+        if "logits_to_keep" not in str(e):
+            raise
+        out = model(inputs_embeds=ctx, past_key_values=DynamicCache(), use_cache=True)
+        ctx_logits = out.logits[:, keep]
     kv = _shared_kv(out.past_key_values, ctx.shape[0], ctx.shape[1], model)  # each (R, heads, Lc, hd)
-    ctx_logits = out.logits  # (R, len(positions), V), through the model's own logit post-processing
 
     first = texts.targets[:, 0]  # (B,) first text token, predicted by the last context position
     denom = normalizers(texts, spec.normalize)  # (B,)
