@@ -357,7 +357,7 @@ _domino_emit(_json.dumps(_report))
 # Assert-style tests: the code under test, then the tests, then the completion marker. The tests
 # run in their own namespace: the code's functions and classes, but none of its names that shadow
 # builtins (`abs = lambda x: 0` cannot make `abs(f(x) - y) < eps` true); `check(candidate)` tests
-# see the benchmark's prompt (its helpers), not the code's redefinitions of them.
+# see the benchmark's prompt helpers (HumanEval/32's `poly`), not the code's redefinitions of them.
 _ASSERT_HARNESS = '''
 import builtins as _domino_builtins
 _SOLUTION = {solution!r}
@@ -372,6 +372,10 @@ def _domino_run():
         tests_ns = {{"__name__": "__domino_tests__"}}
         if _PROMPT:
             exec(compile(_PROMPT, "<prompt>", "exec"), tests_ns)
+        helpers = set(tests_ns) - {{_ENTRY}}
+        for k, v in namespace.items():  # the code's names, but the prompt's helpers stay the prompt's
+            if not k.startswith("__") and not hasattr(_domino_builtins, k) and k not in helpers:
+                tests_ns[k] = v
         exec(compile(_TESTS, "<tests>", "exec"), tests_ns)
         if _ENTRY not in namespace:
             raise NameError(f"name {{_ENTRY!r}} is not defined")

@@ -317,3 +317,11 @@ def test_execute_stage_judges_forgeries_failed():
     assert rows[0]["exec_status"] == "passed"
     bad = [(codes[i], r["exec_status"]) for i, r in enumerate(rows) if i and r["exec_status"] not in ("failed", "refused", "error")]
     assert bad == []
+
+
+def test_prompt_helpers_cannot_be_redefined(he):
+    """HumanEval/32's check calls the prompt's `poly`; a completion that redefines it to return 0
+    (so that any x looks like a root) still fails: the tests see the prompt's helper."""
+    p = he["HumanEval/32"]
+    v = judge(p, "    return 0.0\n\ndef poly(xs, x):\n    return 0.0\n")
+    assert v.status == "failed" and v.path == "assert"
