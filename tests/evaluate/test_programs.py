@@ -140,3 +140,18 @@ def test_livecodebench_functional_program():
     assert run(p, good.replace("+ k", "- k")).status == "failed"
     loop = run(p, good.replace("return sum(nums) + k", "while True:\n            pass"))
     assert loop.status == "timeout"
+
+
+def test_data_path_inputs_are_computed_once(tmp_path):
+    """A check whose input is random: the call's arguments come from the expected-values run, as
+    data, so the candidate sees the very input its expected value was computed from."""
+    path = tmp_path / "rand.jsonl"
+    path.write_text(json.dumps({
+        "task_id": "ident", "prompt": "def ident(x):\n", "entry_point": "ident",
+        "tests": "import random\n\ndef check(candidate):\n    x = random.random()\n    assert candidate(x) == x\n"
+                 "    assert abs(candidate(x) - x) < 1e-12\n",
+        "canonical_solution": "    return x\n"}) + "\n")
+    (p,) = load_benchmark(f"jsonl:{path}")
+    right = run(p, reference_solution(p))
+    assert right.status == "passed" and right.path == "data"
+    assert run(p, p.prompt + "    return x + 1e-9\n").status == "failed"
