@@ -1,12 +1,14 @@
 """`run_evaluate`: pass@k of a model on a benchmark, as one Ray Data plan (DESIGN.md section 2):
 
     problems x n samples (per-row seeds) -> LLMStage actors (completions)
-        -> code under test + tests as one program -> SandboxStage actors -> results
+        -> code under test -> VerdictStage actors (sandboxed runs; verdicts decided in the actor,
+           outside the sandbox: evaluate.verdict) -> results
 
 Writes <run>/eval/<name>/results.parquet (schema.EVAL_RESULT_SCHEMA, one row per problem and
 sample) and <run>/eval/<name>/summary.json, locally or on S3, and records the manifest stage
 `evaluate:<name>`. `execute_solutions` runs ready-made solutions (canonical ones, say) through the
-same program builder and sandbox pool, without a model.
+same verdict pool, without a model; `score_samples` does the same for a samples file
+(`domino evaluate --samples`).
 """
 
 from __future__ import annotations
