@@ -150,3 +150,20 @@ def test_a_local_ray_started_by_domino_offers_the_sandbox_resource_and_runs_task
         shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == ["1.0", "True", "True"], proc.stdout
+
+
+def test_a_resource_no_node_offers_is_named_in_a_warning_once(ray_cluster, caplog):
+    import logging
+
+    from domino_ray.config import SandboxPoolConfig
+    from domino_ray.remote import sandbox_remote_args
+
+    with caplog.at_level(logging.WARNING, logger="domino_ray.remote"):
+        assert sandbox_remote_args(SandboxPoolConfig()) == {"resources": WANT}  # the test cluster offers it
+        assert not caplog.records
+        pool = SandboxPoolConfig(resources={"gvisor_node": 0.01})
+        assert sandbox_remote_args(pool) == {"resources": {"gvisor_node": 0.01}}
+        sandbox_remote_args(pool)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "'gvisor_node'" in warned[0] and "ray start --resources" in warned[0]
+    assert sandbox_remote_args(SandboxPoolConfig(resources={})) == {}
