@@ -100,6 +100,7 @@ def test_hf_and_vllm_greedy_outputs_are_identical_with_a_soft_prompt(smollm2_dir
     from domino_ray.engines import GenerationRequest as Req, SamplingParams as SP
     from domino_ray.engines.hf import HFEngine
     from domino_ray.engines.vllm import VLLMEngine
+    from domino_ray.synthesize.nexttoken import next_token_logprobs
 
     hf = HFEngine(str(smollm2_dir), dtype="float32", device="cpu", max_model_len=512)
     table = hf.model.get_input_embeddings().weight.detach()
@@ -110,14 +111,29 @@ def test_hf_and_vllm_greedy_outputs_are_identical_with_a_soft_prompt(smollm2_dir
                 Req(text="Write a Python function that reverses a string.", chat=True)]
     sampling = SP(temperature=0.0, max_tokens=24)
     expected = hf.generate(requests, sampling)
+    # the probability judge's input: next-token log-probabilities of the grade tokens after "Score: "
+    judge_prompt = hf.encode_request(Req(text="Rate this solution from 1 to 5.\n\ndef add(a, b):\n    return a + b",
+                                         chat=True)) + tok_ids(hf, "Score: ")
+    grade_ids = [tok_ids(hf, str(g))[0] for g in range(1, 6)]
+    hf_lp = next_token_logprobs(hf, [judge_prompt], grade_ids)[0]
     hf.shutdown()
     vllm = VLLMEngine(str(smollm2_dir), dtype="float32", max_model_len=512, soft_prompt=True, cpu_kv_cache_gb=0.5)
     try:
         got = vllm.generate(requests, sampling)
+        vllm_lp = next_token_logprobs(vllm, [judge_prompt], grade_ids)[0]
     finally:
         vllm.shutdown()
     for i, (e, g) in enumerate(zip(expected, got)):
         assert g.completions == e.completions, f"request {i}"
+    # vLLM returns its top 20: every grade it returns has HF's log-probability; the likely ones are there
+    assert sum(v is not None for v in vllm_lp) >= 3
+    for h, v in zip(hf_lp, vllm_lp):
+        if v is not None:
+            assert v == pytest.approx(h, abs=2e-3)
+
+
+def tok_ids(engine, text):
+    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def test_draft_length_default_is_the_references_p95_times_1_25():
