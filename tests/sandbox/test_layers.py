@@ -151,22 +151,31 @@ def test_without_seccomp_a_user_namespace_can_be_made():
     assert result.stdout.split() == ["0", "0"], result
 
 
-def test_namespaces_capabilities_and_uid_as_the_readme_says():
+@pytest.mark.parametrize("cfg", [CFG, CFG.model_copy(update={"skip_layers": ["exit_status"]})], ids=["reporter", "setpriv"])
+def test_namespaces_capabilities_and_uid_as_the_readme_says(cfg):
+    """The uid switch and rlimits are done by the reporter's child, or by setpriv + prlimit where
+    there is no reporter: both give the same process."""
     code = """
 import os
 print("ns", *[os.readlink(f"/proc/self/ns/{n}") for n in ("ipc", "net", "pid", "uts", "mnt")])
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-print("caps", *[status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs", "Seccomp")])
-print("uid", os.getuid(), os.getgid(), os.getgroups())
+print("caps", *[status[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb", "NoNewPrivs", "Seccomp")])
+print("uid", os.getuid(), os.getgid(), *os.getresuid(), *os.getresgid(), len(os.getgroups()))
+import resource
+print("rlimits", *[f"{s}:{h}" for s, h in (resource.getrlimit(getattr(resource, "RLIMIT_" + n)) for n in ("AS", "CPU", "FSIZE", "NOFILE", "NPROC", "CORE"))])
 """
-    result = run_program(code, CFG)
+    result = run_program(code, cfg)
     assert result.status == "passed", result
     lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()}
     ours = [os.readlink(f"/proc/self/ns/{n}") for n in ("ipc", "net", "pid", "uts", "mnt")]
     assert all(a != b for a, b in zip(lines["ns"], ours)), (lines["ns"], ours)
-    assert lines["caps"] == ["0000000000000000"] * 3 + ["1", "2"]
+    assert lines["caps"] == ["0000000000000000"] * 5 + ["1", "2"]  # no capability anywhere, no_new_privs, seccomp filter
     uid = int(lines["uid"][0])
-    assert CFG.uid - CFG.uid_slots < uid <= CFG.uid and lines["uid"][1] == str(uid)
+    assert CFG.uid - CFG.uid_slots < uid <= CFG.uid and lines["uid"] == [str(uid)] * 8 + ["0"]  # real, effective, saved; no groups
+    mib = 1 << 20
+    assert lines["rlimits"] == [f"{CFG.memory_mb * mib}:{CFG.memory_mb * mib}", f"{CFG.cpu_s}:{CFG.cpu_s + 1}",
+                                f"{CFG.file_size_mb * mib}:{CFG.file_size_mb * mib}", f"{CFG.max_open_files}:{CFG.max_open_files}",
+                                f"{CFG.max_processes}:{CFG.max_processes}", "0:0"]
     with pytest.raises(KeyError):
         pwd.getpwuid(uid)  # an account-free uid: RLIMIT_NPROC counts only sandbox processes
 
