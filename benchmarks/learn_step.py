@@ -154,7 +154,8 @@ def part1(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     model, tok = load_backbone(args.model, dtype=args.dtype, device=args.device)
     sizes = [int(x) for x in args.sizes.split(",")]
-    rows = [time_objective_step(model, tok, args.B, P, P, args.max_tokens, args.repeats, args.device) for P in sizes]
+    rows = [] if args.skip_timing else [time_objective_step(model, tok, args.B, P, P, args.max_tokens, args.repeats,
+                                                            args.device) for P in sizes]
     print(f"\n# objective step (loss + backward + AdamW), median of {args.repeats}; model {args.model}, "
           f"device {args.device}, B={args.B}, texts <= {args.max_tokens} tokens, torch threads {torch.get_num_threads()}")
     print(f"{'P=Q':>5} {'tokens':>6} {'ours ms':>9} {'released ms':>12} {'speed-up':>9}")
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-budget-gb", type=float, default=0.05,
                         help="the tight chunk_rows auto budget shown beside the default one")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory table")
+    parser.add_argument("--skip-timing", action="store_true", help="only the peak-memory table")
     parser.add_argument("--_peak", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_chunk", default="0", help=argparse.SUPPRESS)
     parser.add_argument("--_budget", default="None", help=argparse.SUPPRESS)
