@@ -526,11 +526,11 @@ def _layers_for(backend: str, as_root: bool, tools: dict[str, str], cfg: Sandbox
 
 def _probe(plan: IsolationPlan, cfg: SandboxConfig) -> Optional[str]:
     """Run a tiny program through `plan` with every layer it claims; None when it works, else why not."""
-    from domino_ray.sandbox.runner import launch  # the runner imports this module
+    from domino_ray.sandbox.runner import _uid_slot, launch  # the runner imports this module
 
-    uid = cfg.uid if plan.switches_uid else None
     try:
-        out = launch(plan, cfg, _PROBE_CODE + "\n", None, uid, 60.0)
+        with _uid_slot(cfg, plan) as uid:  # a slot like any run: no other run shares its uid meanwhile
+            out = launch(plan, cfg, _PROBE_CODE + "\n", None, uid, 60.0)
     except OSError as e:
         return f"{type(e).__name__}: {e}"
     code = os.waitstatus_to_exitcode(out.wait_status) if out.wait_status is not None else out.returncode
@@ -538,7 +538,11 @@ def _probe(plan: IsolationPlan, cfg: SandboxConfig) -> Optional[str]:
         err = out.stderr.decode(errors="replace").strip().splitlines()
         return err[-1] if err else f"exit status {out.returncode}"
     got = out.stdout.decode().split()
-    want_uid = str(uid if uid is not None else (cfg.uid if plan.as_root and plan.backend == "bwrap" else os.getuid()))
+    low = cfg.uid - cfg.uid_slots + 1
+    if plan.switches_uid:
+        ok = bool(got) and got[0].isdigit() and low <= int(got[0]) <= cfg.uid
+        return None if ok else f"program ran as uid {got[:1]} instead of one in {low}..{cfg.uid}"
+    want_uid = str(cfg.uid if plan.as_root and plan.backend == "bwrap" else os.getuid())
     if not got or got[0] != want_uid:
         return f"program ran as uid {got[:1]} instead of {want_uid}"
     return None
