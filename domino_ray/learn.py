@@ -6,7 +6,7 @@ all-reduced (averaged) every step, then clipped and stepped identically on every
 stays the same everywhere. Sample i is owned by worker i mod W for the whole run; its tokens S_i
 (Q, H) live only there (one parameter per sample, so AdamW leaves the samples outside a batch
 alone) and are saved per rank in the checkpoint. Every worker runs the same number of steps per
-epoch (collectives must match), which `objective.make_batches` guarantees by spreading remainders.
+epoch (collectives must match) with equal batch sizes (`epoch_batch_sizes`: those of the smallest shard).
 
 Input layout, shared with generation: `[D ; S_i ; tokens(references.prefix) ; tokens(X)]` in
 training, `[D ; tokens(references.prefix)]` when sampling, both preceded by the tokenizer's BOS with
