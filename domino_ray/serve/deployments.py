@@ -27,13 +27,14 @@ from ray import serve
 
 from domino_ray.serve import api
 from domino_ray.serve.domains import Domain
-from domino_ray.synthesize.verdicts import RejectRules
+from domino_ray.synthesize.verdicts import RejectRules, first_failure
 
 __all__ = ["DominoIngress", "RespondReplica", "draft_deployment", "DRAFT_NAME", "RESPOND_NAME", "INGRESS_NAME"]
 
 log = logging.getLogger(__name__)
 
 DRAFT_NAME, RESPOND_NAME, INGRESS_NAME = "DominoDraft", "DominoRespond", "DominoIngress"
+HEALTH_TIMEOUT_S = 10
 
 
 def _config(cfg_dict: dict):
@@ -297,9 +298,11 @@ class DominoIngress:
         answers = result["answers"]
         responses: list[Optional[dict]] = [None] * len(specs)
         if respond:
-            # the batch rule: only drafts that pass the draft checks get a response
-            todo = [i for i, a in enumerate(answers) if a["text"].strip()
-                    and not (self.reject_truncated and a["finish_reason"] == "length")]
+            # the batch rule (RespondStage): only drafts that pass the draft checks get a response
+            rules = RejectRules(reject_truncated=self.reject_truncated, respond=True, judge=False)
+            todo = [i for i, a in enumerate(answers)
+                    if first_failure({"draft": a["text"], "draft_finish_reason": a["finish_reason"]}, rules,
+                                     upto="draft") is None]
             if todo:
                 got = await self.respond_handle.respond.remote([answers[i]["text"] for i in todo],
                                                                [specs[i].response_seed for i in todo])
@@ -313,8 +316,14 @@ class DominoIngress:
     # -- endpoints ---------------------------------------------------------------------------------
     @http.get("/healthz")
     async def healthz(self):
-        try:
-            draft = await self.draft.info.remote()
+        async def ask():
+            return await self.draft.info.remote()
+
+        try:  # a health probe must answer quickly, also while no draft replica is up
+            draft = await asyncio.wait_for(ask(), timeout=HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return JSONResponse(api.error_body(f"no draft replica answered within {HEALTH_TIMEOUT_S} s (starting or "
+                                               f"replaced)", "unavailable", None, 503), status_code=503)
         except Exception as e:  # noqa: BLE001 - any failure means not healthy
             return _error_response(e)
         return {"status": "ok", "domains": sorted(self.domains), "draft": draft,

@@ -166,7 +166,8 @@ def test_a_dead_engine_is_a_5xx_and_the_replica_is_replaced(client, batch_drafts
     assert 500 <= r.status_code < 600, r.text
     deadline, after = time.time() + 600, None  # a new vLLM engine: ~1 min idle, minutes on a loaded host
     while time.time() < deadline:
-        h = client.get("/healthz")
+        h = client.get("/healthz", timeout=60)  # 503 while no draft replica is up
+        assert h.status_code in (200, 503), h.text
         if h.status_code == 200 and h.json()["draft"]["replica"] != before["replica"]:
             after = h.json()["draft"]
             break
