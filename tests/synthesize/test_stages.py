@@ -127,3 +127,66 @@ def test_baseline_drafts_without_soft_prompt(tiny_model_dir, references_file, tm
     rows = batch_to_rows(draft(expand_blocks({"id": np.array([0])}, num_samples=4, block_size=4, run_seed=0)))
     assert all(isinstance(r["draft"], str) and r["draft_tokens"] > 0 for r in rows)
     assert all(r["prompt_tokens"] < 4 for r in rows)  # "def " alone: no soft tokens
+
+
+# ------------------------------------------------------------------------------------ dashboard metrics
+def _scrape(run: str) -> dict[tuple[str, str, str], float]:
+    """Summed counters of one run from the node's Prometheus endpoint (what the Ray dashboard plots)."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = ray.nodes()[0]
+    text = urllib.request.urlopen(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                                  timeout=10).read().decode()
+    out: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in ("ray_domino_synth_samples_total", "ray_domino_synth_tokens_total") and s.labels.get("run") == run:
+                key = (s.name, s.labels["stage"], s.labels.get("verdict") or s.labels.get("direction"))
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+@pytest.mark.slow
+def test_stage_metrics_reach_the_ray_metrics_endpoint(ray_cluster, setup):
+    """Samples by stage and verdict and tokens by stage, recorded by real stages in a Ray worker through
+    ray.util.metrics, read back from the node's metrics export (Prometheus text)."""
+    import time
+    import uuid
+
+    import ray
+
+    cfg, root = setup
+    run = f"metrics-{uuid.uuid4().hex[:8]}"
+    kwargs = dict(common(cfg), run=run)
+    draft_kwargs = dict(kwargs, **stage_kwargs(cfg, cfg.synthesize.draft), representation_uri=root, prefix="")
+    filter_cfg = dict(cfg.synthesize.filter.model_dump(), decontaminate=[], novelty=False)
+
+    @ray.remote(num_cpus=0.5)
+    def work():
+        rows = batch_to_rows(DraftStage(**draft_kwargs)(expand_blocks({"id": np.array([0])}, num_samples=4,
+                                                                      block_size=4, run_seed=0)))
+        batch = {"draft": np.asarray(["x = 1", "def f(:", "y = 2", ""], dtype=object)}
+        RowFilterStage(filter_cfg=filter_cfg, run=run, respond_enabled=False)(batch)
+        return sum(r["prompt_tokens"] for r in rows), sum(r["draft_tokens"] for r in rows)
+
+    tokens_in, tokens_out = ray.get(work.remote())
+    expected = {
+        ("ray_domino_synth_samples_total", "draft", "ok"): None,  # ok + truncated = 4, split unknown
+        ("ray_domino_synth_samples_total", "filter", "syntax_ok"): 2.0,
+        ("ray_domino_synth_samples_total", "filter", "syntax_error"): 2.0,  # "def f(:" and the empty draft
+        ("ray_domino_synth_tokens_total", "draft", "in"): float(tokens_in),
+        ("ray_domino_synth_tokens_total", "draft", "out"): float(tokens_out),
+    }
+    deadline = time.time() + 120  # the metrics agent exports every few seconds
+    while True:
+        got = _scrape(run)
+        drafts = got.get(("ray_domino_synth_samples_total", "draft", "ok"), 0) + \
+            got.get(("ray_domino_synth_samples_total", "draft", "truncated"), 0)
+        if drafts == 4 and all(got.get(k) == v for k, v in expected.items() if v is not None):
+            break
+        assert time.time() < deadline, f"metrics of run {run} after 120 s: {got}"
+        time.sleep(1)
+    assert tokens_in >= 4 * 4 and tokens_out > 0  # P = 4 soft tokens per request count as prompt
