@@ -1,0 +1,93 @@
+"""The objective's small pieces on hand-made tensors, values worked out by hand (what `make mutants`
+found reached only through model tests, or not at all): the spec from a config, the normalisers,
+the token NLL, the combination L1 + lambda * L2, the logged metrics and the input checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from domino_ray.config import LearnConfig
+from domino_ray.objective import (LossOutput, ObjectiveSpec, TextBatch, _check_inputs, _combine, _token_nll,
+                                  contrastive_loss, normalizers, pad_texts)
+from domino_ray.schema import IGNORE_INDEX
+
+M = torch.tensor([[1.0, 3.0, 2.0], [4.0, 0.5, 1.0], [2.0, 2.0, 1.5]])
+
+
+def test_spec_reads_every_loss_field_of_the_config():
+    cfg = LearnConfig(**{"lambda": 0.3, "tau": 0.5, "contrastive": "infonce", "normalize": "token", "chunk_rows": 3})
+    spec = ObjectiveSpec.from_config(cfg)
+    assert (spec.lambda_, spec.tau, spec.contrastive, spec.normalize, spec.chunk_rows) == (0.3, 0.5, "infonce",
+                                                                                          "token", 3)
+
+
+def test_normalizers_count_real_tokens_per_sample_or_per_batch():
+    texts = pad_texts([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert normalizers(texts, "sample").tolist() == [3.0, 1.0, 2.0]
+    assert normalizers(texts, "token").tolist() == [2.0, 2.0, 2.0]  # (3 + 1 + 2) / 3
+    with pytest.raises(ValueError, match="learn.normalize is 'word'; use 'sample' or 'token'"):
+        normalizers(texts, "word")
+
+
+def test_token_nll_sums_the_targets_and_skips_ignored_positions():
+    # uniform logits over 4 tokens: each target costs log 4; row 2 has one ignored position
+    logits = torch.zeros(2, 3, 4)
+    targets = torch.tensor([[0, 1, 2], [3, IGNORE_INDEX, 1]])
+    assert _token_nll(logits, targets).tolist() == pytest.approx([3 * math.log(4), 2 * math.log(4)])
+    peaked = torch.full((1, 1, 4), -1e4)
+    peaked[0, 0, 2] = 0.0  # all mass on token 2
+    assert _token_nll(peaked, torch.tensor([[2]])).tolist() == pytest.approx([0.0], abs=1e-6)
+    assert _token_nll(peaked.half(), torch.tensor([[2]])).dtype == torch.float32  # summed in fp32
+
+
+def test_combine_is_l1_plus_lambda_times_l2_and_metrics_say_so():
+    l1 = torch.tensor(2.0, requires_grad=True)
+    spec = ObjectiveSpec(lambda_=0.25, tau=1.0, contrastive="paper")
+    out = _combine(l1, M, spec)
+    # paper L2 by hand: mean_i [M_ii + log sum_{j!=i} exp(-M_ij)]
+    rows = [M[i, i] + torch.log(sum(torch.exp(-M[i, j]) for j in range(3) if j != i)) for i in range(3)]
+    l2 = float(sum(rows) / 3)
+    assert float(out.l2) == pytest.approx(l2, rel=1e-6)
+    assert float(out.loss.detach()) == pytest.approx(2.0 + 0.25 * l2, rel=1e-6)
+    assert out.loss.requires_grad and not out.l1.requires_grad and torch.equal(out.M, M)
+    metrics = out.metrics()
+    assert metrics["loss"] == pytest.approx(2.0 + 0.25 * l2, rel=1e-6) and metrics["l1"] == 2.0
+    assert metrics["m_diag"] == pytest.approx((1.0 + 0.5 + 1.5) / 3)
+    assert metrics["m_offdiag"] == pytest.approx((3 + 2 + 4 + 1 + 2 + 2) / 6)
+    assert metrics["l2"] == pytest.approx(l2, rel=1e-6)
+    plain = _combine(l1, None, spec)  # lambda = 0 path: no M, L = L1
+    assert plain.loss is l1 and plain.l2 is None and plain.M is None
+    assert all(math.isnan(plain.metrics()[k]) for k in ("l2", "m_diag", "m_offdiag"))
+    assert plain.metrics()["loss"] == 2.0
+
+
+def test_tau_divides_every_variant():
+    for variant in ("paper", "infonce", "released"):
+        assert float(contrastive_loss(M, variant, tau=2.0)) == pytest.approx(float(contrastive_loss(M / 2, variant)))
+    with pytest.raises(ValueError, match=r"learn.contrastive is 'other'; use one of \['infonce', 'paper', 'released'\]"):
+        contrastive_loss(M, "other")
+
+
+def test_input_checks_name_the_shape():
+    texts = pad_texts([[1, 2], [3]], pad_id=0)
+    D, S = torch.zeros(4, 8), torch.zeros(2, 3, 8)
+    _check_inputs(D, S, texts, ObjectiveSpec())  # fine
+    _check_inputs(D, None, texts, ObjectiveSpec(lambda_=0.0))  # lambda = 0 needs no S
+    with pytest.raises(ValueError, match="batch of 1 sample"):
+        _check_inputs(D, S[:1], TextBatch(texts.tokens[:1], texts.targets[:1]), ObjectiveSpec())
+    with pytest.raises(ValueError, match=r"D must be \(P, H\), got shape \(4, 8, 1\)"):
+        _check_inputs(D[..., None], S, texts, ObjectiveSpec())
+    with pytest.raises(ValueError, match=r"S must be \(B=2, Q, H\) when lambda > 0, got None"):
+        _check_inputs(D, None, texts, ObjectiveSpec())
+    with pytest.raises(ValueError, match=r"got \(3, 3, 8\)"):
+        _check_inputs(D, torch.zeros(3, 3, 8), texts, ObjectiveSpec())
+    with pytest.raises(ValueError, match=r"got \(2, 8\)"):
+        _check_inputs(D, torch.zeros(2, 8), texts, ObjectiveSpec())
+
+
+def test_loss_output_holds_the_chunking_it_used():
+    out = LossOutput(loss=torch.tensor(1.0), l1=torch.tensor(1.0), chunk_rows=4)
+    assert out.chunk_rows == 4
