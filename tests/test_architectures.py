@@ -52,6 +52,7 @@ def _configs() -> dict:
         "mistral-window": ("MistralConfig", dict(COMMON, sliding_window=WINDOW)),
         "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32)),
         "gemma2-softcap": ("Gemma2Config", dict(COMMON, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                                tie_word_embeddings=True,  # as Gemma-2 itself; vLLM requires it
                                                 final_logit_softcapping=2.0, attn_logit_softcapping=5.0)),
         "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
                                             layer_types=["sliding_attention", "full_attention"])),
