@@ -91,3 +91,17 @@ def test_input_checks_name_the_shape():
 def test_loss_output_holds_the_chunking_it_used():
     out = LossOutput(loss=torch.tensor(1.0), l1=torch.tensor(1.0), chunk_rows=4)
     assert out.chunk_rows == 4
+
+
+def test_batch_sizes_by_hand_and_refusals():
+    from domino_ray.objective import batch_sizes, make_batches
+
+    assert batch_sizes(8, 4) == [4, 4]  # ceil(8 / 4) batches
+    assert batch_sizes(9, 4) == [3, 3, 3]  # remainder spread, never a batch of 1
+    assert batch_sizes(5, 4) == [2, 3]
+    assert batch_sizes(7, 2) == [2, 3, 2]  # at most n // 2 batches; bounds round(b * 7 / 3) = 0, 2, 5, 7
+    with pytest.raises(ValueError, match=r"cannot cut 6 samples into batches of sizes \[1, 3\] \(each >= 2\)"):
+        make_batches(list(range(6)), 2, seed=0, sizes=[1, 3])
+    with pytest.raises(ValueError, match="cannot cut 6 samples"):
+        make_batches(list(range(6)), 2, seed=0, sizes=[4, 3])  # more than there are
+    assert sorted(len(b) for b in make_batches(list(range(6)), 2, seed=0, sizes=[2, 3])) == [2, 3]
