@@ -462,6 +462,7 @@ def test_docs_are_a_runbook_from_an_empty_cluster_to_fetched_results():
         r"ray job submit --address",
         r"ray job logs --address",                                    # watch
         r"mc cp --recursive",                                         # fetch results
+        r"--entrypoint-num-gpus 1",                                   # the report's driver on a GPU worker
         r"kubectl -n domino delete rayjob",                           # resume
     ]
     pos = [DOCS.find(s) for s in steps]
@@ -471,3 +472,13 @@ def test_docs_are_a_runbook_from_an_empty_cluster_to_fetched_results():
     assert m and (REPO / m.group(1)).is_file() and (REPO / m.group(2)).is_file()
     for word in ("dashboard", "maxReplicas", "idleTimeoutSeconds", "endpoint_url", "MinIO", "NET_ADMIN", "sandbox"):
         assert word in DOCS
+
+
+def test_the_7b_pipelines_build_no_report_in_the_head_driver_and_the_docs_run_it_on_a_gpu_worker():
+    """The report's embedding pass loads the backbone where its driver runs; for the 7B configs that
+    must not be the CPU-only head (the issue's OOM), so the pipeline skips it and the report job asks
+    Ray to place its driver on a GPU worker."""
+    for name in ("cluster-7b.yaml", "cluster-7b-aws.yaml"):
+        assert load_config(REPO / "examples" / name).report.enabled is False
+    jobs = re.findall(r"ray job submit [^\n]*--entrypoint-num-gpus 1[^\n]*(?:\\\n[^\n]*)?domino_ray report --run (\S+) --config (\S+)", DOCS)
+    assert len(jobs) == 2 and all((REPO / cfg).is_file() for _, cfg in jobs)
