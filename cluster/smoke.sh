@@ -15,10 +15,16 @@ bwrap --version
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 printf 'import sys\nprint(sum(range(10)), sys.version_info[0])\n' > "$dir/smoke.py"
-python3 -m domino_ray sandbox exec --strict --json --file "$dir/smoke.py" > "$dir/result.json" || {
+python3 -m domino_ray sandbox exec --strict --json --file "$dir/smoke.py" > "$dir/result.json" 2> "$dir/error.txt" || {
     status=$?
-    cat "$dir/result.json" >&2 || true
-    echo "smoke: the sandbox refused or failed (exit $status); the message above names the missing layer" >&2
+    cat "$dir/error.txt" "$dir/result.json" >&2 || true
+    # what the container lacks, from bubblewrap's own message (domino_ray/placement.py)
+    python3 - "$dir/error.txt" >&2 <<'PY'
+import sys
+from domino_ray.placement import explain_isolation_failure
+hint = explain_isolation_failure(open(sys.argv[1]).read())
+print("smoke: the sandbox refused to start: " + (hint or "see the message above"))
+PY
     exit "$status"
 }
 python3 - "$dir/result.json" <<'PY'
