@@ -194,6 +194,8 @@ def run_target(module: str, target: Target, args) -> dict:
     _populate(dest, args.worktree)
     _write_config(dest, target)
     t0 = time.time()
+    if args.functions:  # e.g. --functions normalizers pad_texts: only those functions' mutants
+        target = Target(target.path, target.tests, _fn(*args.functions), target.forkserver)
     patterns = [] if target.functions == ("*",) else list(target.functions)
     proc = _mutmut(dest, "run", "--max-children", str(args.jobs), *patterns, check=False)
     seconds = time.time() - t0
@@ -227,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--workdir", default="/tmp/domino-mutants")
     ap.add_argument("--json", help="also write the scores to this file")
+    ap.add_argument("--functions", nargs="+", help="mutate only these functions (Class.method for methods)")
     args = ap.parse_args(argv)
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
