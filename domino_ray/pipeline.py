@@ -336,9 +336,9 @@ def _fmt(value: Optional[float], signed: bool = False) -> str:
 def format_summary(result: dict[str, Any]) -> str:
     """The human summary `domino run` prints: one line per stage, then the headline numbers."""
     lines = [f"domino run: {result['run']}  ({result['seconds']:.0f} s)", "",
-             f"  {'stage':<20}{'status':<10}{'seconds':>8}"]
+             f"  {'stage':<23}{'status':<10}{'seconds':>8}"]
     for name, info in result["stages"].items():
-        lines.append(f"  {name:<20}{info['status']:<10}{info.get('seconds', 0.0):>8.1f}")
+        lines.append(f"  {name:<23}{info['status']:<10}{info.get('seconds', 0.0):>8.1f}")
     syn, ft, p = result["synthesize"], result["finetune"], result["pass_at_1"]
     lines.append("")
     from domino_ray.summary import format_examples, format_funnel, format_learn
