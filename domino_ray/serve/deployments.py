@@ -27,6 +27,7 @@ from ray import serve
 
 from domino_ray.serve import api
 from domino_ray.serve.domains import Domain
+from domino_ray.synthesize.run import DEFAULT_DRAFT_MAX_TOKENS
 from domino_ray.synthesize.verdicts import RejectRules, first_failure
 
 __all__ = ["DominoIngress", "RespondReplica", "draft_deployment", "DRAFT_NAME", "RESPOND_NAME", "INGRESS_NAME"]
@@ -275,11 +276,13 @@ class DominoIngress:
     def _draft_for(self, name: str):
         return self.draft.options(multiplexed_model_id=name)
 
-    def _sampling(self, body, seed: int) -> dict[str, Any]:
+    def _sampling(self, body, seed: int, domain: Domain) -> dict[str, Any]:
         out = dict(self.draft_sampling, seed=seed)
         for key in ("temperature", "top_p", "max_tokens"):
             if getattr(body, key) is not None:
                 out[key] = getattr(body, key)
+        if out["max_tokens"] is None:  # config null: the length batch synthesis derived for this run
+            out["max_tokens"] = domain.draft_max_tokens or DEFAULT_DRAFT_MAX_TOKENS
         return out
 
     async def _check_context(self, name: str, prompt: str, max_tokens: int) -> int:
@@ -349,7 +352,7 @@ class DominoIngress:
                 raise api.ApiError(422, "stages: respond is not deployed in this service (serve.respond: false)",
                                    "stages")
             seed = domain.run_seed if body.seed is None else body.seed
-            sampling = self._sampling(body, seed)
+            sampling = self._sampling(body, seed, domain)
             await self._check_context(name, "", sampling["max_tokens"])
         except Exception as e:  # noqa: BLE001 - every failure becomes an HTTP error naming its cause
             return _error_response(e)
@@ -390,7 +393,7 @@ class DominoIngress:
                 raise api.ApiError(422, f"prompt: one prompt per request, got {len(prompts)}", "prompt")
             api.check_n(body.n, self.serve_cfg.max_samples)
             seed = domain.run_seed if body.seed is None else body.seed
-            sampling = self._sampling(body, seed)
+            sampling = self._sampling(body, seed, domain)
             if body.stop is not None:
                 sampling["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
             await self._check_context(body.model, prompts[0], sampling["max_tokens"])

@@ -37,6 +37,9 @@ class Domain:
     representation_sha256: str
     reference_sha256: Optional[str]
     learned_at: Optional[str]
+    # The draft length batch synthesis resolved for this run (synth/manifest.json), used when neither the
+    # request nor `synthesize.draft.sampling.max_tokens` sets one, so served samples equal batch samples.
+    draft_max_tokens: Optional[int] = None
 
     def public(self) -> dict[str, Any]:
         """What `GET /v1/domains` shows."""
@@ -64,6 +67,17 @@ def _run_identity(rep_dir: str, storage: Storage) -> tuple[Optional[str], int, s
     return None, 0, root
 
 
+def _synth_draft_length(root: str, storage: Storage) -> Optional[int]:
+    """The `draft_max_tokens` batch synthesis recorded in `<run>/synth/manifest.json`, if it ran."""
+    from domino_ray.synthesize.run import SynthPaths
+
+    manifest = SynthPaths(root).manifest
+    if storage.exists(manifest):
+        value = storage.read_json(manifest).get("draft_max_tokens")
+        return int(value) if value else None
+    return None
+
+
 def _domain(name: Optional[str], uri: str, storage: Storage) -> Domain:
     from domino_ray.representation import load_representation
 
@@ -76,7 +90,8 @@ def _domain(name: Optional[str], uri: str, storage: Storage) -> Domain:
         backbone=rep.backbone,
         backbone_signature=str(meta.get("backbone_signature")), hidden_size=rep.hidden_size,
         num_domain_tokens=rep.num_domain_tokens, prefix=rep.prefix, representation_sha256=rep.sha256,
-        reference_sha256=meta.get("reference_sha256"), learned_at=meta.get("created_at"))
+        reference_sha256=meta.get("reference_sha256"), learned_at=meta.get("created_at"),
+        draft_max_tokens=_synth_draft_length(root, storage))
 
 
 def load_domains(runs: Iterable[str], mapping: Optional[Mapping[str, str]] = None,

@@ -114,6 +114,9 @@ class _Inputs:
     draft_max_tokens: Optional[int] = None  # resolved synthesize.draft.sampling.max_tokens
 
 
+DEFAULT_DRAFT_MAX_TOKENS = 256  # when no length is set and none could be derived from the references
+
+
 def draft_max_tokens(lengths: list[int], quantile: float = 0.95, factor: float = 1.25) -> int:
     """The default draft length: `factor` x the nearest-rank `quantile` of the reference lengths."""
     if not lengths:
@@ -265,7 +268,7 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
                               **_pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus)))
 
     draft_sampling = {**syn.draft.sampling.model_dump(),
-                      "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or 256}
+                      "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or DEFAULT_DRAFT_MAX_TOKENS}
     ds = llm(ds, stages.DraftStage, syn.draft, sampling=draft_sampling, soft_prompt=syn.draft.enabled,
              representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt,
              baseline_prompts=list(inputs.baseline_prompts))

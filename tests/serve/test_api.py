@@ -152,6 +152,20 @@ def test_domains_take_run_names_and_seeds_and_refuse_clashes(serve_domains, tmp_
         load_domains([])
 
 
+def test_domains_take_the_draft_length_batch_synthesis_resolved(serve_domains, tmp_path):
+    """A config with draft max_tokens null serves with the length the run's synthesis derived (so served
+    samples equal batch samples); a run that never synthesized has none (the service's fallback)."""
+    import shutil
+
+    from domino_ray.storage import Storage
+
+    run = tmp_path / "alpha"
+    shutil.copytree(serve_domains["alpha"], run)
+    Storage().write_json(str(run / "synth" / "manifest.json"), {"draft_max_tokens": 37})
+    assert load_domains([str(run)])["alpha"].draft_max_tokens == 37
+    assert load_domains([str(serve_domains["beta"])])["beta"].draft_max_tokens is None
+
+
 def test_domains_learned_on_another_backbone_are_refused_by_name(serve_domains, tiny_model_dir, tmp_path):
     import torch
 
