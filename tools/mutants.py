@@ -60,8 +60,13 @@ TARGETS: dict[str, Target] = {
     # sharing, chunking, the full-sequence reference) is `objective_model`: every mutant there runs the
     # tiny-model tests, hours for the ~900 mutants, so it is not in the default set.
     "objective": Target("domino_ray/objective.py",
-                        ("tests/test_objective.py", "-k", "l2 or infonce or make_batches or init_soft or pad_texts",
-                         "tests/test_objective_mutants.py"),
+                        tuple(f"tests/test_objective.py::{t}" for t in (
+                            "test_l2_paper_2x2_closed_form", "test_l2_variants_match_hand_computation",
+                            "test_l2_released_2x2_literal", "test_infonce_is_softmax_cross_entropy_and_above_paper",
+                            "test_l2_refuses_a_single_sample_and_unknown_variants",
+                            "test_make_batches_covers_every_sample_once_with_two_or_more",
+                            "test_make_batches_fixed_count_and_refusals", "test_init_soft_tokens_vocab_and_normal",
+                            "test_pad_texts_masks_padding")) + ("tests/test_objective_mutants.py",),
                         functions=_fn("ObjectiveSpec.from_config", "pad_texts", "batch_sizes", "make_batches",
                                       "init_soft_tokens", "_check_square", "l2_paper", "l2_infonce", "l2_released",
                                       "contrastive_loss", "LossOutput.metrics", "_combine", "normalizers",
