@@ -105,3 +105,23 @@ def test_batch_sizes_by_hand_and_refusals():
     with pytest.raises(ValueError, match="cannot cut 6 samples"):
         make_batches(list(range(6)), 2, seed=0, sizes=[4, 3])  # more than there are
     assert sorted(len(b) for b in make_batches(list(range(6)), 2, seed=0, sizes=[2, 3])) == [2, 3]
+
+
+def test_m_must_be_square_and_at_least_two_by_two():
+    with pytest.raises(ValueError, match=r"^M must be a square \(B, B\) matrix, got shape \(2, 3\)$"):
+        contrastive_loss(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"^M is 1 x 1: a batch of one sample has no negative and the contrastive "
+                                         r"denominator is empty; batches must hold >= 2 samples \(make_batches\)$"):
+        contrastive_loss(torch.zeros(1, 1))
+    with pytest.raises(ValueError, match=r"denominator is empty otherwise\); build them with objective.make_batches$"):
+        _check_inputs(torch.zeros(4, 8), None, pad_texts([[1]], 0), ObjectiveSpec(lambda_=0.0))
+
+
+def test_combine_passes_tau_and_spec_passes_the_memory_budget():
+    from types import SimpleNamespace
+
+    out = _combine(torch.tensor(0.0), M, ObjectiveSpec(lambda_=1.0, tau=0.5, contrastive="released"))
+    assert float(out.l2) == pytest.approx(float(contrastive_loss(M, "released", 0.5)))
+    cfg = SimpleNamespace(lambda_=1.0, tau=1.0, contrastive="paper", normalize="sample", chunk_rows="auto",
+                          memory_budget_gb=2.0)
+    assert ObjectiveSpec.from_config(cfg).memory_budget_gb == 2.0
