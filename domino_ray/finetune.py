@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig, FinetuneConfig
-from domino_ray.manifest import RunManifest, config_fingerprint
+from domino_ray.manifest import RunManifest, StageBlocked, config_fingerprint
 from domino_ray.schema import IGNORE_INDEX
 from domino_ray.storage import Storage, join_uri
 
@@ -64,7 +64,7 @@ _METRICS_FILE = "metrics.jsonl"
 _WARMUP_FRACTION = 0.03  # of all steps; at least one step
 
 
-class NoAcceptedRecords(ValueError):
+class NoAcceptedRecords(StageBlocked):
     """Synthesis produced nothing to train on; the message names the run and the reject reasons."""
 
 

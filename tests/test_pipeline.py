@@ -226,3 +226,53 @@ def test_local_paths_become_absolute_and_uris_hub_ids_and_specs_do_not(tmp_path,
     assert cfg.evaluate.engine.model == "Qwen/Qwen2.5-Coder-7B"
     s3 = absolute_local_paths(config_from_dict({"run": {"output": "s3://b/runs/x"}, "references": {"source": "humaneval:0:100"}}))
     assert s3.run.output == "s3://b/runs/x" and s3.references.source == "humaneval:0:100"
+
+
+# ----------------------------------------------------------------------------- blocked stages
+def test_zero_accepted_records_block_finetune_and_what_needs_it_but_not_the_rest(tiny_model_dir, tmp_path,
+                                                                                 ray_cluster, monkeypatch):
+    """0 accepted records is an outcome, not a crash: the real finetune stage raises NoAcceptedRecords,
+    the pipeline records why, skips the stages that consume the fine-tuned model, still runs the rest,
+    prints the reason, and a re-run tries the blocked stages again."""
+    import domino_ray.pipeline as pipeline
+    from domino_ray.finetune import load_accepted_records
+    from domino_ray.manifest import RunManifest
+    from domino_ray.pipeline import PipelineStage, run_pipeline
+    from tests.test_finetune import write_records
+
+    storage, run = Storage(), str(tmp_path)
+    write_records(storage, run, [], rejected=3)
+    cfg = tiny_cfg(tiny_model_dir, run)
+    ran: list[str] = []
+
+    def stage(name, needs=(), body=None):
+        def go():
+            ran.append(name)
+            out = body() if body else {}
+            (tmp_path / f"{name}.done").write_text("done")  # the artifact that lets a re-run skip it
+            return out
+        return PipelineStage(name, lambda: [name], lambda: str(tmp_path / f"{name}.done"), go, needs=needs)
+
+    def plan(cfg, storage, state):
+        return [stage("finetune", body=lambda: {"records": load_accepted_records(run, storage)}),
+                stage("evaluate_base"), stage("evaluate_finetuned", needs=("finetune",)),
+                stage("heldout_nll_finetuned", needs=("finetune",)), stage("report")]
+
+    monkeypatch.setattr(pipeline, "plan_stages", plan)
+    result = run_pipeline(cfg, print_summary=False)
+    status = {k: v["status"] for k, v in result["stages"].items()}
+    assert status == {"finetune": "blocked", "evaluate_base": "ran", "evaluate_finetuned": "blocked",
+                      "heldout_nll_finetuned": "blocked", "report": "ran"}
+    assert ran == ["finetune", "evaluate_base", "report"]  # nothing that needs the fine-tuned model ran
+    assert "0 of 3 synthetic records are accepted" in result["stages"]["finetune"]["reason"]
+    assert result["stages"]["evaluate_finetuned"]["reason"] == "needs finetune"
+    record = RunManifest(storage, run).stage("pipeline")
+    assert record["status"] == "completed_with_blocked_stages"
+    assert "finetune" not in record["fingerprints"] and "evaluate_base" in record["fingerprints"]
+    text = pipeline.format_summary(result)
+    assert "BLOCKED finetune: run" in text and "'duplicate': 2" in text and "BLOCKED evaluate_finetuned: needs finetune" in text
+
+    ran.clear()
+    again = run_pipeline(cfg, print_summary=False)  # blocked stages are tried again; finished ones are not
+    assert ran == ["finetune"]
+    assert {k: v["status"] for k, v in again["stages"].items()} == dict(status, evaluate_base="skipped", report="skipped")

@@ -119,11 +119,13 @@ def check_domains_fit(domains: Mapping[str, Domain], model: str, trust_remote_co
     from transformers import AutoConfig
 
     from domino_ray.backbone import backbone_signature
+    from domino_ray.representation import signature_conflict
 
     config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    signature, hidden = backbone_signature(config), int(config.hidden_size)
+    signature, hidden = backbone_signature(config, weights=model), int(config.hidden_size)
     bad = [f"{d.name} (learned on {d.backbone!r}, H={d.hidden_size}, signature {d.backbone_signature})"
-           for d in domains.values() if d.hidden_size != hidden or d.backbone_signature != signature]
+           for d in domains.values()
+           if d.hidden_size != hidden or signature_conflict(d.backbone_signature, signature)]
     if bad:
         raise DomainError(f"the engine model {model!r} (H={hidden}, signature {signature}) cannot serve: "
                           f"{'; '.join(bad)}. One service holds one backbone; serve these from another deployment "

@@ -58,7 +58,7 @@ class AsyncVLLMEngine(VLLMEngine):
         self.dtype = resolve_dtype(dtype, "cpu" if self.on_cpu else "cuda")
         self.model_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.hidden_size = int(self.model_config.hidden_size)
-        self.signature = backbone_signature(self.model_config)
+        self.signature = backbone_signature(self.model_config, weights=self.model_id)
         self.max_model_len = int(max_model_len)
         self.soft_prompt = bool(soft_prompt)
         self.lora_path = None

@@ -183,7 +183,7 @@ def _prepare_inputs(cfg: DominoConfig, storage: Storage) -> _Inputs:
         model_config = AutoConfig.from_pretrained(model, trust_remote_code=cfg.backbone.trust_remote_code)
     except OSError as e:
         raise FileNotFoundError(f"synthesize.draft.engine.model / backbone.model {model!r}: cannot read its config ({e})") from e
-    check_compatible(rep, model_config, model)
+    check_compatible(rep, model_config, model, allow_other_weights=cfg.synthesize.draft.engine.allow_other_weights)
     if cfg.references.prefix != rep.prefix:
         log.warning("references.prefix %r differs from the prefix D was trained with (%r); generation uses the "
                     "representation's, since training and generation must agree", cfg.references.prefix, rep.prefix)

@@ -178,6 +178,27 @@ def test_domains_learned_on_another_backbone_are_refused_by_name(serve_domains, 
     assert "alpha" not in str(info.value).split("cannot serve:")[1]
 
 
+def test_domains_learned_by_learn_fit_and_other_weights_are_refused(tiny_model_dir, tmp_path):
+    """learn records `ARCH-WEIGHTS`: a D learned on this very model serves; a D of the same architecture
+    learned on other weights (a base model's D on its instruct sibling) is refused by name."""
+    import torch
+    from transformers import AutoConfig
+
+    from domino_ray.backbone import backbone_signature
+    from domino_ray.representation import save_representation
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    own = backbone_signature(config, weights=str(tiny_model_dir))
+    arch = own.partition("-")[0]
+    assert own.partition("-")[2], "the tiny model has safetensors weights, so a weights part"
+    hidden = int(config.hidden_size)
+    save_representation(str(tmp_path / "same"), torch.zeros(2, hidden), {"backbone": str(tiny_model_dir), "backbone_signature": own})
+    save_representation(str(tmp_path / "sibling"), torch.zeros(2, hidden), {"backbone": "x", "backbone_signature": f"{arch}-0123456789abcdef"})
+    check_domains_fit(load_domains([str(tmp_path / "same")]), str(tiny_model_dir))
+    with pytest.raises(DomainError, match="sibling"):
+        check_domains_fit(load_domains([str(tmp_path / "same"), str(tmp_path / "sibling")]), str(tiny_model_dir))
+
+
 def test_the_serve_package_imports_no_heavy_library():
     import subprocess
     import sys
