@@ -167,3 +167,16 @@ def test_a_resource_no_node_offers_is_named_in_a_warning_once(ray_cluster, caplo
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "'gvisor_node'" in warned[0] and "ray start --resources" in warned[0]
     assert sandbox_remote_args(SandboxPoolConfig(resources={})) == {}
+
+
+@needs_root_bwrap
+def test_the_sandbox_itself_names_the_missing_capability(tmp_path):
+    """The sandbox's own start-up check (not only the image smoke script), in a process whose
+    capabilities lack NET_ADMIN (a pod granted SYS_ADMIN only): it refuses, naming CAP_NET_ADMIN."""
+    program = tmp_path / "p.py"
+    program.write_text("print(1)\n")
+    proc = subprocess.run(["setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", sys.executable, "-m",
+                           "domino_ray", "sandbox", "exec", "--file", str(program)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "RTM_NEWADDR" in proc.stderr and "CAP_NET_ADMIN" in proc.stderr, proc.stderr

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Optional
 
 from domino_ray.config import SandboxConfig
+from domino_ray.placement import explain_isolation_failure
 from domino_ray.sandbox import kernel
 from domino_ray.sandbox.cgroups import CgroupHost, CgroupUnavailable, detect_cgroups
 from domino_ray.sandbox.seccomp import SeccompUnavailable, filter_bytes
@@ -570,6 +571,8 @@ def _plan_cached(key: str) -> IsolationPlan:
         if why is None:
             notes.update({f"backend:{k}": v for k, v in failures.items()})
             return plan
+        if name == "bwrap" and (missing := explain_isolation_failure(why)):
+            why = f"{why} ({missing})"  # e.g. a pod granted SYS_ADMIN but not NET_ADMIN
         failures[name] = why
     detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
     hint = ""
