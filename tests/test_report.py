@@ -383,3 +383,26 @@ def test_report_of_a_real_tiny_run_renders_in_chromium(real_tiny_run, tmp_path):
     assert n_plots == 5
     assert_rendered(dom, shot, n_images=n_plots)
     shutil.copy(shot, html_file.parent / "screenshot.png")  # kept next to the report for a human look
+
+
+# ------------------------------------------------------------------------ embeddings off the driver
+def test_report_embeddings_run_in_a_ray_worker_and_equal_the_in_process_ones(tiny_model_dir, ray_cluster):
+    """On a Ray cluster the report's backbone loads in a Ray task, never in the driver (on KubeRay the
+    driver sits on the CPU-only head: a 7B backbone there kills the cluster); the numbers are those of
+    an in-process embedding of the same texts."""
+    import os
+
+    import numpy as np
+
+    from domino_ray.config import BackboneConfig
+    from domino_ray.report.compute import _embed_off_the_driver, embed_text_sets
+
+    bb = BackboneConfig(model=str(tiny_model_dir))
+    sets = [["def add(a, b):\n    return a + b\n", "x = 1"], [], ["print('hello')"]]
+    remote = _embed_off_the_driver(str(tiny_model_dir), bb, sets, 2, 64)
+    local = embed_text_sets(str(tiny_model_dir), bb.dtype, bb.device, bb.trust_remote_code, sets, 2, 64)
+    assert remote["pid"] != os.getpid() and local["pid"] == os.getpid()
+    assert [len(t) for t, _ in remote["sets"]] == [2, 0, 1]
+    for (rt, re_), (lt, le) in zip(remote["sets"], local["sets"]):
+        assert rt == lt
+        assert re_.shape == le.shape and np.allclose(re_, le, atol=1e-5)

@@ -15,7 +15,7 @@ from domino_ray.config import ReportConfig
 from domino_ray.report.load import RunData, real_texts, synthetic_texts
 from domino_ray.storage import Storage
 
-__all__ = ["TextSet", "ReportData", "embed_texts", "compute_report"]
+__all__ = ["TextSet", "ReportData", "embed_texts", "embed_text_sets", "compute_report"]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,46 @@ def _cap(texts: list[str], limit: int, seed: int = 0) -> list[str]:
     return [texts[i] for i in keep]
 
 
-def _make_text_set(name: str, texts: list[str], model, tokenizer, rcfg: ReportConfig, max_length: int) -> TextSet:
-    capped = _cap(texts, rcfg.max_samples)
-    tokens = tokenizer(capped, add_special_tokens=False)["input_ids"] if capped else []
-    emb = embed_texts(capped, model, tokenizer, rcfg.embed_batch_size, max_length)
-    return TextSet(name, capped, [list(t) for t in tokens], metrics.l2_normalize(emb) if len(emb) else emb, len(texts))
+def embed_text_sets(backbone: str, dtype: str, device: str, trust_remote_code: bool, sets: list[list[str]],
+                    batch_size: int, max_length: int) -> dict[str, Any]:
+    """Load the backbone once and return, per text set, its tokens and raw embeddings, plus where this
+    ran (`pid`, `host`). Module-level and picklable: on a cluster it runs as a Ray task on a worker."""
+    import os
+    import socket
+
+    from domino_ray.backbone import load_backbone
+
+    model, tok = load_backbone(backbone, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    out = []
+    for texts in sets:
+        tokens = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        out.append(([list(t) for t in tokens], embed_texts(texts, model, tok, batch_size, max_length)))
+    return {"pid": os.getpid(), "host": socket.gethostname(), "sets": out}
+
+
+def _embed_off_the_driver(backbone: str, bb, sets: list[list[str]], batch_size: int, max_length: int) -> dict[str, Any]:
+    """`embed_text_sets` as a Ray task (a GPU when the cluster has one) whenever this process is part of
+    a Ray cluster (`domino run`, `ray job submit`): a 7B backbone must not load on the CPU-only head,
+    where the driver runs. A standalone `domino report` with no Ray embeds in-process."""
+    import os
+
+    args = (backbone, bb.dtype, bb.device, bb.trust_remote_code, sets, batch_size, max_length)
+    try:
+        import ray
+
+        on_ray = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    except ImportError:
+        on_ray = False
+    if not on_ray:
+        return embed_text_sets(*args)
+    from domino_ray.remote import run_on_worker
+
+    return run_on_worker(embed_text_sets, *args, num_gpus="auto", name="report-embeddings")
+
+
+def _text_set(name: str, texts: list[str], n_total: int, embedded: tuple) -> TextSet:
+    tokens, emb = embedded
+    return TextSet(name, texts, tokens, metrics.l2_normalize(emb) if len(emb) else emb, n_total)
 
 
 
@@ -149,26 +184,27 @@ class ReportData:
     curves: dict[str, dict[str, np.ndarray]]
     notes: list[str]
     backbone: str
+    embedded_on: Optional[dict[str, Any]] = None  # pid and host of the process that loaded the backbone
 
 
 def compute_report(runs: list[RunData], rcfg: ReportConfig, storage: Storage) -> ReportData:
-    """Embed and measure every set. Heavy: loads the first run's backbone once."""
-    from domino_ray.backbone import load_backbone
-
+    """Embed and measure every set. Heavy: loads the first run's backbone once, in a Ray task on a
+    worker when this process is on a Ray cluster (`_embed_off_the_driver`)."""
     first = runs[0].config
     backbone = (runs[0].representation or {}).get("backbone") or first.backbone.model
     notes = [f"{r.label}: {n}" for r in runs for n in r.notes]
     notes += _reference_mismatch_notes(runs)
     refs_texts, heldout_texts = real_texts(first, rcfg, storage)
-    model, tok = load_backbone(backbone, dtype=first.backbone.dtype, device=first.backbone.device,
-                               trust_remote_code=first.backbone.trust_remote_code)
-    max_len = first.references.max_tokens
-    refs = _make_text_set("references", refs_texts, model, tok, rcfg, max_len)
-    heldout = _make_text_set("held-out", heldout_texts, model, tok, rcfg, max_len) if heldout_texts else None
+    named = [("references", refs_texts)] + ([("held-out", heldout_texts)] if heldout_texts else [])
+    named += [(run.label, synthetic_texts(run, rcfg.samples)) for run in runs]
+    capped = [_cap(texts, rcfg.max_samples) for _, texts in named]
+    embedded = _embed_off_the_driver(backbone, first.backbone, capped, rcfg.embed_batch_size, first.references.max_tokens)
+    text_sets = [_text_set(name, c, len(texts), e) for (name, texts), c, e in zip(named, capped, embedded["sets"])]
+    refs = text_sets.pop(0)
+    heldout = text_sets.pop(0) if heldout_texts else None
     real = heldout or refs
     sets, columns, dists = {}, {}, {}
-    for run in runs:
-        ts = _make_text_set(run.label, synthetic_texts(run, rcfg.samples), model, tok, rcfg, max_len)
+    for run, ts in zip(runs, text_sets):
         sets[run.label] = ts
         col = {"samples": ts.n_total, "samples_measured": len(ts.texts)}
         if ts.texts:
@@ -199,7 +235,7 @@ def compute_report(runs: list[RunData], rcfg: ReportConfig, storage: Storage) ->
         funnels={r.label: f for r in runs if (f := _run_funnel(r)) is not None},
         lengths=lengths,
         curves={r.label: metrics.learn_curve_series(r.learn_rows) for r in runs if r.learn_rows},
-        notes=notes, backbone=backbone,
+        notes=notes, backbone=backbone, embedded_on={"pid": embedded["pid"], "host": embedded["host"]},
     )
 
 
