@@ -85,17 +85,40 @@ class VLLMEngine(Engine):
                  enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.85,
                  cpu_kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1, lora_path: Optional[str] = None,
                  seed: int = 0, trust_remote_code: bool = False):
+        t0 = time.time()
+        kwargs = self._describe_model(model, dtype, max_model_len, soft_prompt, enable_prefix_caching,
+                                      gpu_memory_utilization, cpu_kv_cache_gb, tensor_parallel_size, seed,
+                                      trust_remote_code)  # raises EngineError first when vLLM cannot run
+        from vllm import LLM
+
+        self.lora_path = lora_path
+        self._lora_request = None
+        if lora_path:
+            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(lora_path), max_loras=1)
+            from vllm.lora.request import LoRARequest
+
+            self._lora_request = LoRARequest("adapter", 1, str(Path(lora_path).expanduser().absolute()))
+        self._llm = LLM(**kwargs)
+        self._load_embedding(trust_remote_code)
+        log.info("vllm engine: %s (%s, %s, prompt_embeds=%s, prefix_caching=%s)%s ready in %.1fs", self.model_id,
+                 self.dtype, "cpu" if self.on_cpu else "cuda", self.soft_prompt, enable_prefix_caching,
+                 f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
+
+    def _describe_model(self, model: str, dtype: str, max_model_len: int, soft_prompt: bool,
+                        enable_prefix_caching: bool, gpu_memory_utilization: float, cpu_kv_cache_gb: float,
+                        tensor_parallel_size: int, seed: int, trust_remote_code: bool) -> dict[str, Any]:
+        """Set what the engine knows of its model (config, H, signature, tokenizer, dtype) and return the
+        vLLM engine arguments; shared with the service's async engine so both sample the same tokens."""
         usable, reason = vllm_usable()
         if not usable:
             raise EngineError(f"the vLLM engine cannot run here: {reason}; set engine.kind: hf (or auto)")
         import torch
         from transformers import AutoConfig
-        from vllm import LLM
         from vllm.platforms import current_platform
 
         from domino_ray.backbone import backbone_signature, load_tokenizer, resolve_dtype
 
-        t0 = time.time()
+        self._torch = torch
         self.model_id = str(model)
         self.on_cpu = current_platform.is_cpu()
         self.dtype = resolve_dtype(dtype, "cpu" if self.on_cpu else "cuda")
@@ -104,7 +127,6 @@ class VLLMEngine(Engine):
         self.signature = backbone_signature(self.model_config, weights=self.model_id)
         self.max_model_len = int(max_model_len)
         self.soft_prompt = bool(soft_prompt)
-        self.lora_path = lora_path
         self._tokenizer = load_tokenizer(model, trust_remote_code)
         kwargs: dict[str, Any] = dict(
             model=self.model_id, dtype=str(self.dtype).removeprefix("torch."), max_model_len=self.max_model_len,
@@ -117,22 +139,15 @@ class VLLMEngine(Engine):
             kwargs.update(kv_cache_memory_bytes=int(cpu_kv_cache_gb * _GIB), enforce_eager=True)
         else:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
-        self._lora_request = None
-        if lora_path:
-            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(lora_path), max_loras=1)
-            from vllm.lora.request import LoRARequest
+        return kwargs
 
-            self._lora_request = LoRARequest("adapter", 1, str(Path(lora_path).expanduser().absolute()))
-        self._llm = LLM(**kwargs)
+    def _load_embedding(self, trust_remote_code: bool) -> None:
+        """The model's own input-embedding module (prompt-embeds requests are built with it), checked."""
         self._embedding = _load_input_embeddings(self.model_id, self.model_config, trust_remote_code) \
             if self.soft_prompt else None
         if self._embedding is not None and self._embedding.weight.shape[1] != self.hidden_size:
             raise EngineError(f"{self.model_id}: input embedding width {self._embedding.weight.shape[1]} != hidden size "
                               f"{self.hidden_size}; prompt-embeds requests cannot be built for this model")
-        self._torch = torch
-        log.info("vllm engine: %s (%s, %s, prompt_embeds=%s, prefix_caching=%s)%s ready in %.1fs", self.model_id,
-                 self.dtype, "cpu" if self.on_cpu else "cuda", self.soft_prompt, enable_prefix_caching,
-                 f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
 
     @property
     def llm(self):

@@ -19,13 +19,11 @@ import uuid
 from typing import Any
 
 from domino_ray.engines.base import EngineError, GenerationRequest, RequestOutput, SamplingParams
-from domino_ray.engines.vllm import VLLMEngine, _load_input_embeddings, vllm_usable
+from domino_ray.engines.vllm import VLLMEngine
 
 __all__ = ["AsyncVLLMEngine", "build_serving_engine", "engine_is_dead"]
 
 log = logging.getLogger(__name__)
-
-_GIB = 1024**3
 
 
 class AsyncVLLMEngine(VLLMEngine):
@@ -41,43 +39,17 @@ class AsyncVLLMEngine(VLLMEngine):
                  enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.85,
                  cpu_kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1, seed: int = 0,
                  trust_remote_code: bool = False):
-        usable, reason = vllm_usable()
-        if not usable:
-            raise EngineError(f"the vLLM engine cannot run here: {reason}; set engine.kind: hf (or auto)")
-        import torch
-        from transformers import AutoConfig
+        t0 = time.time()
+        kwargs = self._describe_model(model, dtype, max_model_len, soft_prompt, enable_prefix_caching,
+                                      gpu_memory_utilization, cpu_kv_cache_gb, tensor_parallel_size, seed,
+                                      trust_remote_code)  # raises EngineError first when vLLM cannot run
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.platforms import current_platform
 
-        from domino_ray.backbone import backbone_signature, load_tokenizer, resolve_dtype
-
-        t0 = time.time()
-        self.model_id = str(model)
-        self.on_cpu = current_platform.is_cpu()
-        self.dtype = resolve_dtype(dtype, "cpu" if self.on_cpu else "cuda")
-        self.model_config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.hidden_size = int(self.model_config.hidden_size)
-        self.signature = backbone_signature(self.model_config, weights=self.model_id)
-        self.max_model_len = int(max_model_len)
-        self.soft_prompt = bool(soft_prompt)
         self.lora_path = None
         self._lora_request = None
-        self._tokenizer = load_tokenizer(model, trust_remote_code)
-        # The same engine arguments as VLLMEngine, so both engines sample the same tokens.
-        kwargs: dict[str, Any] = dict(
-            model=self.model_id, dtype=str(self.dtype).removeprefix("torch."), max_model_len=self.max_model_len,
-            enable_prompt_embeds=self.soft_prompt, enable_prefix_caching=enable_prefix_caching, seed=seed,
-            tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code,
-        )
-        if self.on_cpu:
-            kwargs.update(kv_cache_memory_bytes=int(cpu_kv_cache_gb * _GIB), enforce_eager=True)
-        else:
-            kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        self._embedding = _load_input_embeddings(self.model_id, self.model_config, trust_remote_code) \
-            if self.soft_prompt else None
-        self._torch = torch
+        self._load_embedding(trust_remote_code)
         log.info("async vllm engine: %s (%s, %s, prompt_embeds=%s) ready in %.1fs", self.model_id, self.dtype,
                  "cpu" if self.on_cpu else "cuda", self.soft_prompt, time.time() - t0)
 
