@@ -256,12 +256,17 @@ def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[
     except BaseException as e:
         manifest.update_stage(stage, "failed", fingerprint, error=f"{type(e).__name__}: {e}")
         raise
+    _record_completed(manifest, stage, fingerprint, name, summary)
+    return summary
+
+
+def _record_completed(manifest, stage: str, fingerprint: str, name: str, summary: dict[str, Any]) -> None:
+    """The manifest record and log line of a finished evaluation (generated or from a samples file)."""
     manifest.update_stage(stage, "completed", fingerprint, pass_at_k=summary["pass_at_k"],
                           num_problems=summary["num_problems"], results=summary["results"],
                           duration_s=summary["duration_s"])
     log.info("evaluate[%s]: %s on %d problems (%s)", name, summary["pass_at_k"], summary["num_problems"],
              summary["status_counts"])
-    return summary
 
 
 # ------------------------------------------------------------------------------- samples files
@@ -310,9 +315,5 @@ def score_samples(cfg: DominoConfig, samples: str, name: Optional[str] = None,
     except BaseException as e:
         manifest.update_stage(stage, "failed", fingerprint, error=f"{type(e).__name__}: {e}")
         raise
-    manifest.update_stage(stage, "completed", fingerprint, pass_at_k=summary["pass_at_k"],
-                          num_problems=summary["num_problems"], results=summary["results"],
-                          duration_s=summary["duration_s"])
-    log.info("evaluate[%s]: %s on %d problems (%s)", name, summary["pass_at_k"], summary["num_problems"],
-             summary["status_counts"])
+    _record_completed(manifest, stage, fingerprint, name, summary)
     return summary
