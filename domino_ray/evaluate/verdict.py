@@ -117,6 +117,14 @@ def _run(code: str, cfg: SandboxConfig, timeout_s: Optional[float], data: bool =
     return run_program(code, cfg, timeout_s=timeout_s)
 
 
+def _loaded_report(result) -> tuple[Optional[dict], Optional[Verdict]]:
+    """`_data_report`, plus an `error` verdict when the candidate's code did not even load."""
+    report, failed = _data_report(result)
+    if failed is None and report.get("load"):
+        return None, Verdict("error", report["load"], "data", result.exit_code, result.duration_s)
+    return report, failed
+
+
 def _data_report(result) -> tuple[Optional[dict], Optional[Verdict]]:
     """(report, None) or (None, the verdict of a run that reported nothing)."""
     text = read_report(result.stdout)
@@ -275,11 +283,9 @@ def judge_solution(p: Problem, solution: Optional[str], cfg: SandboxConfig) -> V
 def _judge_calls(p: Problem, solution: str, exp: _Expected, cfg: SandboxConfig) -> Verdict:
     dt = exp.tests
     result = _run(calls_program(solution, p.entry_point, exp.calls), cfg, p.timeout_s)
-    report, failed = _data_report(result)
+    report, failed = _loaded_report(result)
     if failed:
         return failed
-    if report.get("load"):
-        return Verdict("error", report["load"], "data", result.exit_code, result.duration_s)
     recs = report["results"]
     for i, t in enumerate(dt.tests):
         if i >= len(recs):
@@ -305,11 +311,9 @@ def _judge_diff(p: Problem, solution: str, cfg: SandboxConfig) -> Verdict:
     if reference is None:
         return Verdict("error", "the reference solution could not be run on the inputs", "data")
     result = _run(inputs_program(solution, p.entry_point, inputs), cfg, p.timeout_s)
-    report, failed = _data_report(result)
+    report, failed = _loaded_report(result)
     if failed:
         return failed
-    if report.get("load"):
-        return Verdict("error", report["load"], "data", result.exit_code, result.duration_s)
     recs, atol, checked, skipped = report["results"], float(p.meta.get("atol", 0.0)), 0, 0
     for i, (args, (ok, expected)) in enumerate(zip(inputs, reference)):
         if not ok:
@@ -334,11 +338,9 @@ def _judge_diff(p: Problem, solution: str, cfg: SandboxConfig) -> Verdict:
 
 def _judge_functional(p: Problem, solution: str, cfg: SandboxConfig) -> Verdict:
     result = _run(functional_program(p, solution), cfg, p.timeout_s)
-    report, failed = _data_report(result)
+    report, failed = _loaded_report(result)
     if failed:
         return failed
-    if report.get("load"):
-        return Verdict("error", report["load"], "data", result.exit_code, result.duration_s)
     recs = report["results"]
     for i, test in enumerate(p.io_tests):
         if i >= len(recs):
