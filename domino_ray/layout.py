@@ -30,8 +30,8 @@ from domino_ray.storage import join_uri
 __all__ = ["RunLayout", "LOCK_FILE", "MANIFEST_FILE", "REPRESENTATION_DIR", "REPRESENTATION_META",
            "REPRESENTATION_DOMAIN", "REPRESENTATION_PRIVATE", "LEARN_DIR", "LEARN_METRICS", "LEARN_OUTCOME",
            "LEARN_PROGRESS", "LEARN_DOMAIN", "SYNTH_DIR", "FINETUNE_DIR", "FINETUNE_OUTPUTS", "EVAL_DIR",
-           "EVAL_RESULTS", "EVAL_SUMMARY", "EVAL_NLL", "REPORT_DIR", "STUDY_FILE", "ARMS_DIR", "BASE_RUN",
-           "TOP_LEVEL_DIRS"]
+           "EVAL_RESULTS", "EVAL_SUMMARY", "EVAL_NLL", "EVAL_BASE", "EVAL_FINETUNED", "REPORT_DIR", "STUDY_FILE",
+           "ARMS_DIR", "BASE_RUN", "TOP_LEVEL_DIRS"]
 
 LOCK_FILE = ".lock"
 MANIFEST_FILE = "manifest.json"
@@ -58,6 +58,7 @@ EVAL_DIR = "eval"
 EVAL_RESULTS = "results.parquet"
 EVAL_SUMMARY = "summary.json"
 EVAL_NLL = "heldout_nll.json"
+EVAL_BASE, EVAL_FINETUNED = "base", "finetuned"  # the pipeline's two evaluations
 
 REPORT_DIR = "report"
 

@@ -47,6 +47,7 @@ from typing import Any, Optional
 
 from domino_ray.config import DominoConfig
 from domino_ray.manifest import RunManifest, config_fingerprint, redact_secrets
+from domino_ray.layout import LEARN_DIR, LEARN_DOMAIN, LEARN_METRICS, LEARN_OUTCOME, LEARN_PROGRESS, RunLayout
 from domino_ray.storage import Storage, is_s3, join_uri, split_s3
 
 __all__ = ["LearnDiverged", "run_learn", "learn_fingerprint", "METRIC_KEYS", "steps_per_epoch", "epoch_batch_sizes",
@@ -55,11 +56,8 @@ __all__ = ["LearnDiverged", "run_learn", "learn_fingerprint", "METRIC_KEYS", "st
 log = logging.getLogger(__name__)
 
 STAGE = "learn"
-LEARN_DIR = "learn"
-METRICS_FILE = "metrics.jsonl"
-OUTCOME_FILE = "outcome.json"
-PROGRESS_FILE = "progress.json"
-DOMAIN_FILE = "domain.pt"
+# File names inside <run>/learn/ (layout.py); the workers join them onto Ray Train's experiment folder.
+METRICS_FILE, OUTCOME_FILE, PROGRESS_FILE, DOMAIN_FILE = LEARN_METRICS, LEARN_OUTCOME, LEARN_PROGRESS, LEARN_DOMAIN
 FAULT_ENV = "DOMINO_LEARN_FAIL_ONCE_AT_STEP"
 METRIC_KEYS = ("loss", "l1", "l2", "m_diag", "m_offdiag")
 # Fields a checkpoint was made for; a resumed run must agree on all of them.
@@ -92,7 +90,7 @@ def run_learn(cfg: DominoConfig) -> dict[str, Any]:
     manifest.update_stage(STAGE, "running", fingerprint, config=cfg.to_dict())
     try:
         payload = _prepare(cfg, storage)
-        _check_resumable(storage, join_uri(run_root, LEARN_DIR), payload["expect"])
+        _check_resumable(storage, RunLayout(run_root).learn, payload["expect"])
         fail_at = os.environ.get(FAULT_ENV)
         if fail_at:  # fault injection for the recovery test (module docstring); once, by a marker file
             payload["fail_once"] = {"step": int(fail_at),
@@ -227,7 +225,7 @@ def _fit(cfg: DominoConfig, storage: Storage, payload: dict[str, Any]) -> dict[s
     from domino_ray.runtime import ensure_ray
 
     ensure_ray()
-    outcome_uri = join_uri(cfg.run.output, LEARN_DIR, OUTCOME_FILE)
+    outcome_uri = RunLayout(cfg.run.output).learn_outcome
     storage.delete(outcome_uri)  # a stale outcome must never be read as this attempt's
     lc = cfg.learn
     worker_payload = dict(payload, token_ids=ray.put(payload["token_ids"]))  # once in the object store
@@ -258,10 +256,10 @@ def _finish(cfg: DominoConfig, storage: Storage, payload: dict[str, Any], outcom
 
     from domino_ray.representation import save_representation
 
-    learn_uri = join_uri(cfg.run.output, LEARN_DIR)
+    layout = RunLayout(cfg.run.output)
     if outcome["status"] == "diverged":
         raise LearnDiverged(outcome["message"])
-    ckpt_uri = join_uri(learn_uri, outcome["checkpoint"])
+    ckpt_uri = layout.learn_checkpoint(outcome["checkpoint"])
     progress = storage.read_json(join_uri(ckpt_uri, PROGRESS_FILE))
     domain = torch.load(io.BytesIO(storage.read_bytes(join_uri(ckpt_uri, DOMAIN_FILE))), map_location="cpu")
     meta = {
@@ -284,10 +282,10 @@ def _finish(cfg: DominoConfig, storage: Storage, payload: dict[str, Any], outcom
     }
     written = save_representation(cfg.run.output, domain, meta, storage)
     return {
-        "representation": join_uri(cfg.run.output, "representation"),
+        "representation": layout.representation,
         "representation_sha256": written["sha256"],
         "checkpoint": ckpt_uri,
-        "metrics_file": join_uri(learn_uri, METRICS_FILE),
+        "metrics_file": layout.learn_metrics,
         "steps": progress["step"],
         "epochs": progress["epoch"],
         "steps_per_epoch": payload["steps_per_epoch"],

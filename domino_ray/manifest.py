@@ -13,7 +13,8 @@ import platform
 from importlib import metadata
 from typing import Any, Optional
 
-from domino_ray.storage import Storage, join_uri
+from domino_ray.layout import RunLayout
+from domino_ray.storage import Storage
 
 __all__ = ["RunManifest", "StageBlocked", "config_fingerprint", "package_versions", "redact_secrets"]
 
@@ -64,7 +65,7 @@ class RunManifest:
 
     def __init__(self, storage: Storage, run_root: str):
         self.storage = storage
-        self.uri = join_uri(run_root, "manifest.json")
+        self.uri = RunLayout(run_root).manifest
 
     def load(self) -> dict[str, Any]:
         if not self.storage.exists(self.uri):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 from domino_ray.config import DominoConfig, absolute_local_paths
 from domino_ray.manifest import RunManifest, StageBlocked, config_fingerprint
+from domino_ray.layout import EVAL_BASE, EVAL_FINETUNED, RunLayout
 from domino_ray.storage import Storage, join_uri
 
 __all__ = ["run_pipeline", "plan_stages", "stage_fingerprints", "PipelineStage", "StageBlocked", "format_summary"]
@@ -36,7 +37,7 @@ __all__ = ["run_pipeline", "plan_stages", "stage_fingerprints", "PipelineStage",
 log = logging.getLogger(__name__)
 
 RECORD = "pipeline"  # manifest stage record holding the pipeline's own fingerprints and results
-BASE, FINETUNED = "base", "finetuned"  # result names under <run>/eval/
+BASE, FINETUNED = EVAL_BASE, EVAL_FINETUNED  # result names under <run>/eval/
 
 
 @dataclass
@@ -61,7 +62,7 @@ def _sha_of(storage: Storage, uri: str) -> Optional[str]:
 
 
 def _representation_sha(storage: Storage, run_root: str) -> Optional[str]:
-    uri = join_uri(run_root, "representation", "representation.json")
+    uri = RunLayout(run_root).representation_meta
     return storage.read_json(uri).get("sha256") if storage.exists(uri) else None
 
 
@@ -90,9 +91,7 @@ def has_heldout(cfg: DominoConfig) -> bool:
 
 
 def _read_nll(storage: Storage, run: str, name: str) -> Optional[dict[str, Any]]:
-    from domino_ray.evaluate.nll import NLL_FILE
-
-    uri = join_uri(run, "eval", name, NLL_FILE)
+    uri = RunLayout(run).eval_nll(name)
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
@@ -109,12 +108,12 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     from domino_ray.finetune import resolve_base_model
 
     run = cfg.run.output
+    layout = RunLayout(run)
     sec = cfg.section_dict
     base_model = resolve_base_model(cfg)
     fps = state["fingerprints"]
 
-    def eval_summary(name: str) -> str:
-        return join_uri(run, "eval", name, "summary.json")
+    eval_summary = layout.eval_summary
 
     def learn() -> dict[str, Any]:
         from domino_ray.learn import run_learn
@@ -155,10 +154,7 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
         args = finetuned_model_args(cfg, _finetune_outputs(storage, run), base_model)
         return run_heldout_nll(cfg, name=FINETUNED, **args)
 
-    def nll_artifact(name: str) -> str:
-        from domino_ray.evaluate.nll import NLL_FILE
-
-        return join_uri(run, "eval", name, NLL_FILE)
+    nll_artifact = layout.eval_nll
 
     def report() -> dict[str, Any]:
         from domino_ray.report import build_report
@@ -174,20 +170,20 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     stages = []
     if synthetic and cfg.synthesize.draft.enabled:  # the soft prompt D is only read by the draft stage
         stages.append(PipelineStage("learn", lambda: [sec("backbone"), sec("references"), sec("learn"), cfg.run.seed],
-                                    lambda: join_uri(run, "representation", "representation.json"), learn))
+                                    lambda: layout.representation_meta, learn))
     if synthetic:
         stages.append(PipelineStage(
             "synthesize",
             lambda: [sec("synthesize"), sec("sandbox"), cfg.run.name, cfg.run.seed, fps.get("learn"),
                      _representation_sha(storage, run)],
-            lambda: join_uri(run, "synth", "manifest.json"), synthesize))
+            lambda: layout.synth_manifest, synthesize))
     if cfg.finetune.enabled:
         stages.append(PipelineStage(
             "finetune",
             lambda: [sec("finetune"), base_model, cfg.run.seed, fps.get("synthesize"),
-                     _sha_of(storage, join_uri(run, "synth", "manifest.json"))] if synthetic else
+                     _sha_of(storage, layout.synth_manifest)] if synthetic else
                     [sec("finetune"), base_model, cfg.run.seed, sec("references")],
-            lambda: join_uri(run, "finetune", "adapter" if cfg.finetune.method == "lora" else "model",
+            lambda: join_uri(layout.finetune_output("adapter" if cfg.finetune.method == "lora" else "model"),
                              "adapter_config.json" if cfg.finetune.method == "lora" else "config.json"),
             finetune))
     if cfg.evaluate.enabled and (cfg.evaluate.compare_base or not cfg.finetune.enabled):
@@ -207,7 +203,7 @@ def plan_stages(cfg: DominoConfig, storage: Storage, state: dict[str, Any]) -> l
     if cfg.report.enabled:
         # the report reads every artifact, so it follows every upstream fingerprint
         stages.append(PipelineStage("report", lambda: [sec("report"), {k: v for k, v in fps.items() if k != "report"}],
-                                    lambda: join_uri(run, "report", "report.html"), report))
+                                    lambda: layout.report_file("report.html"), report))
     return stages
 
 
@@ -291,7 +287,7 @@ def _done(state: dict[str, Any]) -> dict[str, str]:
 
 
 def _read_eval(storage: Storage, run: str, name: str) -> Optional[dict[str, Any]]:
-    uri = join_uri(run, "eval", name, "summary.json")
+    uri = RunLayout(run).eval_summary(name)
     return storage.read_json(uri) if storage.exists(uri) else None
 
 
@@ -321,7 +317,7 @@ def _results(cfg: DominoConfig, storage: Storage, state: dict[str, Any], seconds
                         "delta": (nll_tuned - nll_base) if nll_base is not None and nll_tuned is not None else None,
                         "num_samples": (n_tuned or n_base or {}).get("num_samples"),
                         "tokens": (n_tuned or n_base or {}).get("tokens")},
-        "report": (state.get("report") or {}).get("report") or (join_uri(run, "report", "report.html") if cfg.report.enabled else None),
+        "report": (state.get("report") or {}).get("report") or (RunLayout(run).report_file("report.html") if cfg.report.enabled else None),
         "seconds": round(seconds, 1),
         **_details(storage, run),
     }

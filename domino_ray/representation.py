@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from domino_ray.layout import (REPRESENTATION_DIR, REPRESENTATION_DOMAIN, REPRESENTATION_META, REPRESENTATION_PRIVATE,
+                               RunLayout)
 from domino_ray.storage import Storage, join_uri
 
 __all__ = [
@@ -49,10 +51,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LAYOUT = "[D ; S_i ; tokens(prefix) ; tokens(X)]"  # training input; generation uses [D ; tokens(prefix)]
-DIR_NAME = "representation"
-DOMAIN_FILE = "domain.safetensors"
-META_FILE = "representation.json"
-PRIVATE_FILE = "private.safetensors"
+DIR_NAME, DOMAIN_FILE, META_FILE, PRIVATE_FILE = (  # named in layout.py; a representation folder holds these
+    REPRESENTATION_DIR, REPRESENTATION_DOMAIN, REPRESENTATION_META, REPRESENTATION_PRIVATE)
 DOMAIN_KEY = "domain"
 # PEFT's prompt-learning checkpoints hold one tensor under this key (peft/tuners/tuners_utils.py,
 # BasePromptEncoder._get_adapter_state_dict / _load_adapter_state_dict).
@@ -156,13 +156,14 @@ def save_representation(run_root_uri: str, domain, meta: dict[str, Any], storage
         "format_version": FORMAT_VERSION,
     }
     full.update({k: v for k, v in meta.items() if k not in full})  # caller extras (config, counts)
-    rep_dir = join_uri(run_root_uri, DIR_NAME)
-    storage.write_bytes(join_uri(rep_dir, DOMAIN_FILE), save({DOMAIN_KEY: domain}, metadata={"format": "pt"}))
+    layout = RunLayout(run_root_uri)
+    rep_dir = layout.representation
+    storage.write_bytes(layout.representation_domain, save({DOMAIN_KEY: domain}, metadata={"format": "pt"}))
     if private:
         tables = {name: _as_fp32_matrix(t, f"private[{name!r}]") for name, t in private.items()}
-        storage.write_bytes(join_uri(rep_dir, PRIVATE_FILE), save(tables, metadata={"format": "pt"}))
+        storage.write_bytes(layout.representation_private, save(tables, metadata={"format": "pt"}))
         full["private_tensors"] = {name: list(t.shape) for name, t in tables.items()}
-    storage.write_json(join_uri(rep_dir, META_FILE), full)  # last: its presence marks a complete write
+    storage.write_json(layout.representation_meta, full)  # last: its presence marks a complete write
     log.info("representation: D %s saved to %s (sha256 %s)", tuple(domain.shape), rep_dir, full["sha256"][:12])
     return full
 
@@ -170,11 +171,11 @@ def save_representation(run_root_uri: str, domain, meta: dict[str, Any], storage
 # ------------------------------------------------------------------------------------------- load
 def _representation_dir(uri: str, storage: Storage) -> str:
     """The folder holding representation.json: `uri` itself or `uri`/representation."""
-    for candidate in (uri, join_uri(uri, DIR_NAME)):
+    for candidate in (uri, RunLayout(uri).representation):
         if storage.exists(join_uri(candidate, META_FILE)):
             return candidate
     raise RepresentationError(
-        f"no {META_FILE} in {uri} or {join_uri(uri, DIR_NAME)}; give a run root or its representation "
+        f"no {META_FILE} in {uri} or {RunLayout(uri).representation}; give a run root or its representation "
         f"folder, and run `domino learn` first")
 
 

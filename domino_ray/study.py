@@ -29,14 +29,13 @@ import time
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig, config_from_dict
-from domino_ray.storage import Storage, join_uri
+from domino_ray.layout import BASE_RUN, STUDY_FILE, RunLayout
+from domino_ray.storage import Storage
 
 __all__ = ["BASE_RUN", "arm_config", "base_config", "run_study", "collect_arm", "format_study"]
 
 log = logging.getLogger(__name__)
 
-BASE_RUN = "base"  # sub-run that evaluates the starting model once for every arm
-STUDY_FILE = "study.json"
 
 
 def _derive(cfg: DominoConfig, output: str, changes: dict[str, Any]) -> DominoConfig:
@@ -55,7 +54,7 @@ def _derive(cfg: DominoConfig, output: str, changes: dict[str, Any]) -> DominoCo
 
 def arm_config(cfg: DominoConfig, arm: str) -> DominoConfig:
     """The `domino run` config of one arm (module docstring)."""
-    out = join_uri(cfg.run.output, "arms", arm)
+    out = RunLayout(cfg.run.output).arm(arm).root
     draft_off = {"synthesize.draft.enabled": False}
     changes: dict[str, dict[str, Any]] = {
         "domino": {"learn.lambda": cfg.study.lambda_domino},
@@ -72,7 +71,7 @@ def arm_config(cfg: DominoConfig, arm: str) -> DominoConfig:
 
 def base_config(cfg: DominoConfig) -> DominoConfig:
     """The sub-run that evaluates the starting model: no learn, synthesis or fine-tuning."""
-    return _derive(cfg, join_uri(cfg.run.output, BASE_RUN),
+    return _derive(cfg, RunLayout(cfg.run.output).base_run.root,
                    {"finetune.enabled": False, "finetune.data": "references", "evaluate.compare_base": True})
 
 
@@ -83,12 +82,11 @@ def _read(storage: Storage, uri: str) -> Optional[dict[str, Any]]:
 
 def collect_arm(storage: Storage, root: str, evaluation: str) -> dict[str, Any]:
     """The headline numbers one sub-run wrote: funnel counts, pass@k and held-out NLL of `evaluation`."""
-    from domino_ray.evaluate.nll import NLL_FILE
-
-    manifest = _read(storage, join_uri(root, "manifest.json")) or {}
+    layout = RunLayout(root)
+    manifest = _read(storage, layout.manifest) or {}
     synth = (manifest.get("stages") or {}).get("synthesize") or {}
-    ev = _read(storage, join_uri(root, "eval", evaluation, "summary.json")) or {}
-    nll = _read(storage, join_uri(root, "eval", evaluation, NLL_FILE)) or {}
+    ev = _read(storage, layout.eval_summary(evaluation)) or {}
+    nll = _read(storage, layout.eval_nll(evaluation)) or {}
     ft = (manifest.get("stages") or {}).get("finetune") or {}
     rows, accepted = synth.get("rows"), synth.get("accepted")
     return {
@@ -135,7 +133,7 @@ def run_study(cfg: DominoConfig, print_summary: bool = True, report: bool = True
         log.info("study: %s -> %s", name, sub.run.output)
         runs[name] = _run_one(sub, name)
         runs[name].update(root=sub.run.output, **collect_arm(storage, sub.run.output, BASE if name == BASE_RUN else FINETUNED))
-        storage.write_json(join_uri(root, STUDY_FILE), {"root": root, "runs": runs, "status": "running"})
+        storage.write_json(RunLayout(root).study, {"root": root, "runs": runs, "status": "running"})
     out: dict[str, Any] = {"root": root, "arms": list(cfg.study.arms), "runs": runs, "report": None}
     if report:
         from domino_ray.report.study import build_study_report
@@ -148,7 +146,7 @@ def run_study(cfg: DominoConfig, print_summary: bool = True, report: bool = True
             out["report_error"] = f"{type(e).__name__}: {e}"
     out["seconds"] = round(time.time() - t0, 1)
     out["status"] = "completed" if all(r["status"] == "completed" for r in runs.values()) else "completed_with_failures"
-    storage.write_json(join_uri(root, STUDY_FILE), out)
+    storage.write_json(RunLayout(root).study, out)
     if print_summary:
         print(format_study(out), flush=True)
     return out

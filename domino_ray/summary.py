@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from domino_ray.storage import Storage, join_uri
+from domino_ray.layout import EVAL_BASE, EVAL_FINETUNED, RunLayout
+from domino_ray.storage import Storage
 
 __all__ = ["run_details", "format_funnel", "format_learn", "format_examples", "learn_curve"]
 
@@ -36,7 +37,7 @@ def learn_curve(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def _read_learn(storage: Storage, run: str) -> list[dict[str, Any]]:
-    uri = join_uri(run, "learn", "metrics.jsonl")
+    uri = RunLayout(run).learn_metrics
     if not storage.exists(uri):
         return []
     return [json.loads(line) for line in storage.read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
@@ -45,7 +46,7 @@ def _read_learn(storage: Storage, run: str) -> list[dict[str, Any]]:
 def _accepted_examples(storage: Storage, run: str, limit: int) -> list[dict[str, Any]]:
     from domino_ray.synthesize.records import read_table
 
-    root = join_uri(run, "synth", "records")
+    root = RunLayout(run).synth_records
     out: list[dict[str, Any]] = []
     try:
         files = sorted(storage.list_files(root, suffix=".parquet"))
@@ -61,7 +62,7 @@ def _accepted_examples(storage: Storage, run: str, limit: int) -> list[dict[str,
 
 
 def _pass_at_k(storage: Storage, run: str, name: str) -> Optional[dict[str, float]]:
-    uri = join_uri(run, "eval", name, "summary.json")
+    uri = RunLayout(run).eval_summary(name)
     if not storage.exists(uri):
         return None
     return storage.read_json(uri).get("pass_at_k") or None
@@ -71,7 +72,8 @@ def run_details(storage: Storage, run: str, examples: int = 3) -> dict[str, Any]
     """The extra summary fields: learn curve, accepted examples, pass@k of base and fine-tuned."""
     return {"learn": learn_curve(_read_learn(storage, run)),
             "examples": _accepted_examples(storage, run, examples),
-            "pass_at_k": {"base": _pass_at_k(storage, run, "base"), "finetuned": _pass_at_k(storage, run, "finetuned")}}
+            "pass_at_k": {"base": _pass_at_k(storage, run, EVAL_BASE),
+                          "finetuned": _pass_at_k(storage, run, EVAL_FINETUNED)}}
 
 
 def _f(x: Optional[float], signed: bool = False) -> str:

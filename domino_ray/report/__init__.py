@@ -28,18 +28,16 @@ import logging
 from typing import Optional, Sequence
 
 from domino_ray.config import DominoConfig, load_config
+from domino_ray.layout import RunLayout
 from domino_ray.report.compute import ReportData, TextSet, compute_report, embed_texts
 from domino_ray.report.load import RunData, label_runs, load_run
 from domino_ray.report.plots import PLOTS
 from domino_ray.report.render import metrics_json, render_html, render_markdown
-from domino_ray.storage import Storage, join_uri
+from domino_ray.storage import Storage
 
 __all__ = ["RunData", "TextSet", "ReportData", "load_run", "embed_texts", "compute_report", "build_report"]
 
 log = logging.getLogger(__name__)
-
-REPORT_DIR = "report"
-
 
 def build_report(run_uri: str, compare: Sequence[str] = (), config_path: Optional[str] = None,
                  config: Optional[DominoConfig] = None) -> str:
@@ -56,12 +54,13 @@ def build_report(run_uri: str, compare: Sequence[str] = (), config_path: Optiona
     data = compute_report(runs, rcfg, storage)
     pngs = {key: png for key, _, plot in PLOTS if (png := plot(data)) is not None}
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    out_dir = join_uri(run_uri, REPORT_DIR)
+    layout = RunLayout(run_uri)
+    out_dir = layout.report
     for key, png in pngs.items():
-        storage.write_bytes(join_uri(out_dir, f"{key}.png"), png)
-    storage.write_json(join_uri(out_dir, "metrics.json"), metrics_json(data))
-    storage.write_text(join_uri(out_dir, "report.md"), render_markdown(data, pngs, created))
-    html_uri = join_uri(out_dir, "report.html")
+        storage.write_bytes(layout.report_file(f"{key}.png"), png)
+    storage.write_json(layout.report_file("metrics.json"), metrics_json(data))
+    storage.write_text(layout.report_file("report.md"), render_markdown(data, pngs, created))
+    html_uri = layout.report_file("report.html")
     storage.write_text(html_uri, render_html(data, pngs, created))
     log.info("report: %d run(s), %d plot(s) written to %s", len(runs), len(pngs), out_dir)
     return html_uri

@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 from typing import Any, Optional, Sequence
 
 from domino_ray.config import DominoConfig, config_from_dict
+from domino_ray.layout import EVAL_NLL, EVAL_RESULTS, EVAL_SUMMARY, TOP_LEVEL_DIRS, RunLayout
 from domino_ray.storage import Storage, join_uri
 
 __all__ = ["RunData", "load_run", "label_runs", "synthetic_texts", "read_texts", "real_texts"]
@@ -68,9 +69,10 @@ def _read_learn_rows(storage: Storage, uri: str, notes: list[str]) -> list[dict[
 def _read_records(storage: Storage, run_uri: str, notes: list[str]):
     import pyarrow as pa
 
-    files = storage.list_files(join_uri(run_uri, "synth", "records"), suffix=".parquet")
+    records = RunLayout(run_uri).synth_records
+    files = storage.list_files(records, suffix=".parquet")
     if not files:
-        notes.append(f"no Parquet files under {join_uri(run_uri, 'synth', 'records')}: synthetic-set sections not shown")
+        notes.append(f"no Parquet files under {records}: synthetic-set sections not shown")
         return None
     tables = []
     for f in files:
@@ -84,13 +86,13 @@ def _read_records(storage: Storage, run_uri: str, notes: list[str]):
 
 def _read_evals(storage: Storage, run_uri: str, notes: list[str]) -> list[dict[str, Any]]:
     out = []
-    for uri in storage.list_files(join_uri(run_uri, "eval"), suffix="summary.json"):
+    for uri in storage.list_files(RunLayout(run_uri).eval, suffix=EVAL_SUMMARY):
         summary = _read_json_or_none(storage, uri, notes)
         if summary is None:
             continue
         name = PurePosixPath(uri.replace("\\", "/")).parent.name
         entry = {"name": name, **summary}
-        results = uri[: -len("summary.json")] + "results.parquet"
+        results = uri[: -len(EVAL_SUMMARY)] + EVAL_RESULTS
         if storage.exists(results):
             statuses = storage.arrow_table(results).column("status").to_pylist()
             entry["status_counts"] = dict(sorted(_count(statuses).items()))
@@ -100,7 +102,7 @@ def _read_evals(storage: Storage, run_uri: str, notes: list[str]) -> list[dict[s
 
 def _read_nlls(storage: Storage, run_uri: str, notes: list[str]) -> dict[str, dict[str, Any]]:
     out = {}
-    for uri in storage.list_files(join_uri(run_uri, "eval"), suffix="heldout_nll.json"):
+    for uri in storage.list_files(RunLayout(run_uri).eval, suffix=EVAL_NLL):
         summary = _read_json_or_none(storage, uri, notes)
         if summary is not None:
             out[PurePosixPath(uri.replace("\\", "/")).parent.name] = summary
@@ -117,22 +119,23 @@ def _count(values: Sequence[Any]) -> dict[Any, int]:
 def load_run(uri: str, storage: Storage, fallback: Optional[DominoConfig] = None) -> RunData:
     """Read one run root. The config comes from its manifest; `fallback` (or defaults) if it has none."""
     notes: list[str] = []
-    manifest_uri = join_uri(uri, "manifest.json")
+    layout = RunLayout(uri)
+    manifest_uri = layout.manifest
     manifest = _read_json_or_none(storage, manifest_uri, notes) or {}
     if manifest.get("config"):
         config = config_from_dict(manifest["config"], source=f"{manifest_uri} (config)")
     else:
         notes.append(f"{manifest_uri} has no config: run settings taken from --config or the defaults")
         config = fallback or DominoConfig()
-    if not manifest and not any(storage.exists(join_uri(uri, d)) for d in ("representation", "learn", "synth", "eval")):
+    if not manifest and not any(storage.exists(join_uri(uri, d)) for d in TOP_LEVEL_DIRS):
         raise FileNotFoundError(f"{uri}: not a run root (no manifest.json, representation/, learn/, synth/ or eval/); "
                                 f"give the run.output of a run")
-    rep = _read_json_or_none(storage, join_uri(uri, "representation", "representation.json"), notes)
+    rep = _read_json_or_none(storage, layout.representation_meta, notes)
     return RunData(
         uri=uri, label="", config=config, manifest=manifest, representation=rep,
-        learn_rows=_read_learn_rows(storage, join_uri(uri, "learn", "metrics.jsonl"), notes),
+        learn_rows=_read_learn_rows(storage, layout.learn_metrics, notes),
         records=_read_records(storage, uri, notes),
-        synth_manifest=_read_json_or_none(storage, join_uri(uri, "synth", "manifest.json"), notes),
+        synth_manifest=_read_json_or_none(storage, layout.synth_manifest, notes),
         evals=_read_evals(storage, uri, notes), nlls=_read_nlls(storage, uri, notes), notes=notes,
     )
 

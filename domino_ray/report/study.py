@@ -12,18 +12,19 @@ import logging
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig
+from domino_ray.layout import EVAL_BASE, EVAL_FINETUNED, RunLayout
 from domino_ray.report.compute import ReportData, compute_report
 from domino_ray.report.load import RunData, load_run
 from domino_ray.report.plots import PLOTS, _colors, _figure_png, _pyplot
 from domino_ray.report.render import _json_clean, fmt, metrics_json, render_html, render_markdown
-from domino_ray.storage import Storage, join_uri
+from domino_ray.storage import Storage
 
 __all__ = ["STUDY_COLUMNS", "study_rows", "study_table", "plot_study", "build_study_report"]
 
 log = logging.getLogger(__name__)
 
 BASE_LABEL = "base model"
-FINETUNED, BASE = "finetuned", "base"
+FINETUNED, BASE = EVAL_FINETUNED, EVAL_BASE
 # (key, header): the study table's columns after the arm name; ↑/↓ says which way is better.
 STUDY_COLUMNS = (
     ("accepted", "accepted"), ("records", "records"), ("acceptance_rate", "acceptance ↑"),
@@ -133,12 +134,13 @@ def build_study_report(cfg: DominoConfig, arm_roots: dict[str, str], base_root: 
     lead = [("Study: every arm, every metric", note, head, body)]
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     title = f"DOMINO study: {', '.join(arm_roots)}"
-    out_dir = join_uri(cfg.run.output, "report")
+    layout = RunLayout(cfg.run.output)
+    out_dir = layout.report
     for key, png in pngs.items():
-        storage.write_bytes(join_uri(out_dir, f"{key}.png"), png)
-    storage.write_json(join_uri(out_dir, "metrics.json"), _json_clean({**metrics_json(data), "study": {"pass_at_k": ks, "rows": rows}}))
-    storage.write_text(join_uri(out_dir, "study.md"), render_markdown(data, pngs, created, title, lead, plots))
-    html_uri = join_uri(out_dir, "study.html")
+        storage.write_bytes(layout.report_file(f"{key}.png"), png)
+    storage.write_json(layout.report_file("metrics.json"), _json_clean({**metrics_json(data), "study": {"pass_at_k": ks, "rows": rows}}))
+    storage.write_text(layout.report_file("study.md"), render_markdown(data, pngs, created, title, lead, plots))
+    html_uri = layout.report_file("study.html")
     storage.write_text(html_uri, render_html(data, pngs, created, title, lead, plots))
     log.info("study report: %d arm(s), %d plot(s) written to %s", len(present), len(pngs), out_dir)
     return html_uri

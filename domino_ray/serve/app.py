@@ -18,8 +18,9 @@ from dataclasses import asdict
 from typing import Any, Optional, Sequence
 
 from domino_ray.config import ConfigError, DominoConfig, absolute_local_paths, config_from_dict, load_config
+from domino_ray.layout import RunLayout
 from domino_ray.serve.domains import Domain, check_domains_fit, load_domains, parse_run_spec
-from domino_ray.storage import Storage, join_uri
+from domino_ray.storage import Storage
 
 __all__ = ["resolve_config", "resolve_domains", "build_app", "app_builder", "run_service", "free_port"]
 
@@ -33,7 +34,7 @@ def resolve_config(config_path: Optional[str], runs: Sequence[str]) -> DominoCon
     for spec in runs:
         _, uri = parse_run_spec(spec)
         for root in (uri, uri.rstrip("/").rsplit("/", 1)[0]):  # a run root, or its representation folder
-            manifest = join_uri(root, "manifest.json")
+            manifest = RunLayout(root).manifest
             if storage.exists(manifest) and storage.read_json(manifest).get("config"):
                 log.info("serve: using the config stored in %s", manifest)
                 return absolute_local_paths(config_from_dict(storage.read_json(manifest)["config"], source=manifest))

@@ -12,7 +12,8 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from domino_ray.storage import Storage, join_uri
+from domino_ray.layout import REPRESENTATION_DIR, RunLayout
+from domino_ray.storage import Storage
 
 __all__ = ["Domain", "DomainError", "parse_run_spec", "load_domains", "check_domains_fit"]
 
@@ -59,8 +60,9 @@ def parse_run_spec(spec: str) -> tuple[Optional[str], str]:
 
 def _run_identity(rep_dir: str, storage: Storage) -> tuple[Optional[str], int, str]:
     """(run.name, run.seed, run root) from the manifest next to the representation, when there is one."""
-    root = rep_dir[: -len("/representation")] if rep_dir.rstrip("/").endswith("/representation") else rep_dir
-    manifest = join_uri(root, "manifest.json")
+    suffix = "/" + REPRESENTATION_DIR
+    root = rep_dir.rstrip("/")[: -len(suffix)] if rep_dir.rstrip("/").endswith(suffix) else rep_dir
+    manifest = RunLayout(root).manifest
     if storage.exists(manifest):
         run = (storage.read_json(manifest).get("config") or {}).get("run") or {}
         return run.get("name"), int(run.get("seed", 0)), root
@@ -69,9 +71,7 @@ def _run_identity(rep_dir: str, storage: Storage) -> tuple[Optional[str], int, s
 
 def _synth_draft_length(root: str, storage: Storage) -> Optional[int]:
     """The `draft_max_tokens` batch synthesis recorded in `<run>/synth/manifest.json`, if it ran."""
-    from domino_ray.synthesize.run import SynthPaths
-
-    manifest = SynthPaths(root).manifest
+    manifest = RunLayout(root).synth_manifest
     if storage.exists(manifest):
         value = storage.read_json(manifest).get("draft_max_tokens")
         return int(value) if value else None

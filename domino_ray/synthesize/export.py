@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from domino_ray.storage import Storage, is_s3, join_uri
+from domino_ray.layout import RunLayout
+from domino_ray.storage import Storage, is_s3
 
 __all__ = ["FORMATS", "export_records", "format_record", "iter_accepted"]
 
@@ -34,7 +35,7 @@ def format_record(row: dict[str, Any], fmt: str) -> dict[str, Any]:
 
 
 def _record_uris(run_uri: str, storage: Storage) -> list[str]:
-    records = join_uri(run_uri, "synth", "records")
+    records = RunLayout(run_uri).synth_records
     uris = [u for u in storage.list_files(records, suffix=".parquet")]
     if not uris:
         raise FileNotFoundError(f"no records under {records}: run `domino synthesize --config CFG` first "
