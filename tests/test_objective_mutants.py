@@ -125,3 +125,103 @@ def test_combine_passes_tau_and_spec_passes_the_memory_budget():
     cfg = SimpleNamespace(lambda_=1.0, tau=1.0, contrastive="paper", normalize="sample", chunk_rows="auto",
                           memory_budget_gb=2.0)
     assert ObjectiveSpec.from_config(cfg).memory_budget_gb == 2.0
+
+
+def test_spec_from_a_learn_section_without_a_memory_budget():
+    from types import SimpleNamespace
+
+    old = SimpleNamespace(lambda_=1.0, tau=1.0, contrastive="paper", normalize="sample", chunk_rows=0)
+    assert ObjectiveSpec.from_config(old).memory_budget_gb is None
+
+
+def test_l2_variants_default_to_tau_one():
+    from domino_ray.objective import l2_infonce, l2_paper, l2_released
+
+    for fn, variant in ((l2_paper, "paper"), (l2_infonce, "infonce"), (l2_released, "released")):
+        assert float(fn(M)) == pytest.approx(float(contrastive_loss(M, variant, tau=1.0)))
+    # paper by hand at tau = 1 (rows: M_ii + log sum_{j != i} exp(-M_ij))
+    rows = [1.0 + math.log(math.exp(-3.0) + math.exp(-2.0)), 0.5 + math.log(math.exp(-4.0) + math.exp(-1.0)),
+            1.5 + math.log(math.exp(-2.0) + math.exp(-2.0))]
+    assert float(l2_paper(M)) == pytest.approx(sum(rows) / 3, rel=1e-6)
+
+
+def test_l2_builds_its_masks_and_targets_on_the_device_of_m():
+    """The meta device stands for a GPU: an op mixing a meta M with a CPU mask or targets fails, as it
+    would with M on CUDA (l2_released indexes with its mask, which works across devices, see
+    tools/mutants_equivalent.toml)."""
+    from domino_ray.objective import l2_infonce, l2_paper
+
+    on_meta = M.to("meta")
+    for fn in (l2_paper, l2_infonce):
+        out = fn(on_meta, tau=0.5)
+        assert out.device.type == "meta" and out.shape == ()
+
+
+def test_pad_texts_puts_both_tensors_on_the_device_and_refuses_an_empty_batch():
+    batch = pad_texts([[5, 6], [7]], pad_id=1, device="meta")
+    assert batch.tokens.device.type == "meta" and batch.targets.device.type == "meta"
+    assert batch.tokens.dtype == batch.targets.dtype == torch.long and batch.tokens.shape == (2, 2)
+    with pytest.raises(ValueError) as err:
+        pad_texts([], pad_id=0)
+    assert str(err.value) == "pad_texts: empty batch"
+
+
+# --------------------------------------------------------------------------------- init_soft_tokens
+def _table(rows: int, hidden: int = 4) -> torch.Tensor:
+    """Row r is filled with the value r: a drawn row tells which token id it came from."""
+    return torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, hidden).contiguous()
+
+
+def test_init_draws_only_the_real_token_ids():
+    from domino_ray.objective import init_soft_tokens
+
+    table = _table(10)
+    ids = init_soft_tokens(table, (200,), "vocab", seed=0, num_tokens=3)[:, 0]
+    assert set(ids.tolist()) == {0.0, 1.0, 2.0}  # every real id, and only those (rows 3.. are padding)
+    assert set(init_soft_tokens(table, (300,), "vocab", seed=0)[:, 0].tolist()) == set(map(float, range(10)))
+    assert set(init_soft_tokens(table, (20,), "vocab", seed=0, num_tokens=50)[:, 0].tolist()) <= set(map(float, range(10)))
+    one = init_soft_tokens(table, (5,), "vocab", seed=0, num_tokens=1)
+    assert torch.equal(one, torch.zeros(5, 4))  # a single real token is enough
+    with pytest.raises(ValueError) as err:
+        init_soft_tokens(table, (5,), "vocab", seed=0, num_tokens=0)
+    assert str(err.value) == "init_soft_tokens: no token ids to draw from (num_tokens=0, table rows=10)"
+
+
+def test_init_normal_takes_the_scale_of_the_real_tokens_only():
+    from domino_ray.objective import init_soft_tokens
+
+    table = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)) * 0.02
+    table[10:] = 100.0  # untrained padding rows, far off scale
+    out = init_soft_tokens(table, (500,), "normal", seed=1, num_tokens=10)
+    assert out.std().item() == pytest.approx(table[:10].std().item(), rel=0.1)
+
+
+def test_init_goes_through_the_embedding_module_and_its_scaling():
+    """A Gemma-style embedding scales inside its forward: soft tokens start on the scale the model sees."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from domino_ray.objective import init_soft_tokens
+
+    emb = Gemma3TextScaledWordEmbedding(10, 4, padding_idx=0, embed_scale=3.0)
+    with torch.no_grad():
+        emb.weight.copy_(_table(10))
+    drawn = init_soft_tokens(emb, (2, 50), "vocab", seed=0, num_tokens=4)
+    assert drawn.shape == (2, 50, 4) and not drawn.requires_grad
+    assert set(drawn[..., 0].flatten().tolist()) == {0.0, 3.0, 6.0, 9.0}  # 3 x ids 0..3
+    normal = init_soft_tokens(emb, (4000,), "normal", seed=0, num_tokens=4)
+    assert normal.std().item() == pytest.approx(3.0 * _table(4).std().item(), rel=0.05)
+
+
+def test_init_normal_is_seeded_even_when_it_samples_the_table():
+    """Over 65,536 real tokens the std comes from a seeded sample of 65,536 rows (the first of a seeded
+    permutation): same seed, same D, and a row left out of the sample does not count."""
+    from domino_ray.objective import init_soft_tokens
+
+    rows = 65537
+    table = torch.randn(rows, 2, generator=torch.Generator().manual_seed(0))
+    left_out = int(torch.randperm(rows, generator=torch.Generator().manual_seed(3))[-1])
+    table[left_out] = 1e4  # an outlier the seed-3 sample leaves out; with it the std would be ~39
+    first = init_soft_tokens(table, (3000,), "normal", seed=3)
+    assert torch.equal(first, init_soft_tokens(table, (3000,), "normal", seed=3))
+    assert not torch.equal(first, init_soft_tokens(table, (3000,), "normal", seed=4))
+    assert first.std().item() == pytest.approx(1.0, abs=0.1)  # the table's N(0, 1) rows without the outlier
