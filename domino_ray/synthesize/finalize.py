@@ -1,25 +1,36 @@
-"""The final pass: work blocks -> records (global dedup, final verdicts, counts). No Ray import.
+"""The final pass: work blocks -> records (global dedup, final verdicts, counts), as Ray Data operations.
 
-It walks the work blocks in seed order with one `filters.Deduplicator`, sets `duplicate_of`,
-recomputes `reject_reason`/`accepted` over every check, counts everything for the manifest and writes
-each record block that is not there yet. A sample's dedup verdict depends only on lower seeds, so a
-record block, once written, never changes when later blocks arrive or the pass is re-run: the pass is
-deterministic and safe to repeat after a kill.
+    work blocks --read, band keys--> band rows (sample, band, key) --group by key partition-->
+    candidate pairs --group by block of j: attach j's signature--> --group by block of i: verify-->
+    matches --resolve in seed order (one task, the match graph only)--> duplicate_of per seed
+    --one task per record block: read, set duplicate_of, final verdicts, write--> records + counts
 
-Memory: one block of rows plus the dedup index (about 1.5 KiB per kept sample at num_perm=128, see
-`filters.Deduplicator`). It runs as one Ray task, off the driver.
+Every step but the resolution is partitioned, and the resolution sees only the edges of the match
+graph (a few dozen bytes per duplicate), so no task holds state that grows with N: a band-row
+partition holds `_ROWS_PER_PARTITION` rows whatever N, a verify group one block's pairs, a writer one
+block. `filters.resolve_duplicates` gives exactly the sequential `filters.Deduplicator`'s answer
+(filters.py says why; tests/synthesize/test_finalize.py compares the two on planted clusters).
+
+A sample's verdict depends only on lower seeds, so the records of a prefix of seeds never change when
+later blocks arrive, and the pass is deterministic: a re-run writes only the record blocks that are
+missing, or every block when `rewrite` (re-filtering with new verdict settings, synthesize/run.py).
+
+Storage is rebuilt in each task from `s3_cfg` (a plain dict of config.S3Config, None = local only).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import resource
 import time
 from typing import Any, Optional
 
+import numpy as np
+
 from domino_ray import schema
 from domino_ray.storage import Storage, join_uri
-from domino_ray.synthesize import blocks
-from domino_ray.synthesize.filters import Deduplicator
+from domino_ray.synthesize import blocks, filters
 from domino_ray.synthesize.records import read_table, rows_to_table, write_table
 from domino_ray.synthesize.verdicts import RejectRules, Tally, eligible_for_dedup, first_failure
 
@@ -27,42 +38,202 @@ __all__ = ["finalize_blocks"]
 
 log = logging.getLogger(__name__)
 
+_ROWS_PER_PARTITION = 1_000_000  # band rows per group-by partition: ~40 MB of int64 columns
+_BLOCKS_PER_TASK = 8  # work blocks read by one band-key or writer task
+# the columns the dedup eligibility needs (checks before `duplicate`), plus the dedup inputs
+_DEDUP_COLUMNS = ("seed_index", "draft", "draft_finish_reason", "response", "judge_score", "exec_status",
+                  "syntax_ok", "dedup_key", "minhash")
 
-def _check_block(rows: list[dict], block: int, num_samples: int, block_size: int, uri: str) -> None:
+
+def _storage(s3_cfg: Optional[dict]) -> Storage:
+    if not s3_cfg:
+        return Storage()
+    from domino_ray.config import S3Config
+
+    return Storage(S3Config(**s3_cfg))
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def _check_block(seeds: list[int], block: int, num_samples: int, block_size: int, uri: str) -> None:
     expected = list(blocks.block_seeds(block, num_samples, block_size))
-    got = [int(r["seed_index"]) for r in rows]
-    if got != expected:
-        raise RuntimeError(f"{uri}: holds seeds {got[:3]}..{got[-3:]} ({len(got)} rows), expected "
+    if seeds != expected:
+        raise RuntimeError(f"{uri}: holds seeds {seeds[:3]}..{seeds[-3:]} ({len(seeds)} rows), expected "
                            f"{expected[0]}..{expected[-1]} ({len(expected)}); the work files are inconsistent, "
                            f"re-run with --overwrite")
 
 
-def finalize_blocks(*, work_uri: str, records_uri: str, num_samples: int, block_size: int, rules: dict,
-                    dedup: Optional[dict], storage: Storage) -> dict[str, Any]:
-    """Write every missing record block; returns the manifest counts over all N rows."""
-    t0 = time.time()
-    rules_ = RejectRules(**rules)
-    dedup_index = Deduplicator(dedup["threshold"], dedup["num_perm"]) if dedup else None
-    have = set(storage.list_files(records_uri, suffix=".parquet"))
-    tally, written = Tally(), 0
-    for block in range(blocks.num_blocks(num_samples, block_size)):
-        name = blocks.block_name(block)
-        src = join_uri(work_uri, name)
-        rows = sorted(read_table(storage, src).to_pylist(), key=lambda r: r["seed_index"])
-        _check_block(rows, block, num_samples, block_size, src)
+def _read_block(storage: Storage, work_uri: str, block: int, num_samples: int, block_size: int,
+                columns=None) -> list[dict]:
+    src = join_uri(work_uri, blocks.block_name(block))
+    rows = sorted(read_table(storage, src, columns).to_pylist(), key=lambda r: r["seed_index"])
+    _check_block([int(r["seed_index"]) for r in rows], block, num_samples, block_size, src)
+    return rows
+
+
+def _signatures_of_block(storage: Storage, work_uri: str, block: int, block_size: int, num_perm: int) -> np.ndarray:
+    """(rows of the block, num_perm) signatures; rows without one are zeros (never asked for)."""
+    table = read_table(storage, join_uri(work_uri, blocks.block_name(block)), ["seed_index", "minhash"])
+    seeds = table.column("seed_index").to_pylist()
+    sigs = table.column("minhash").to_pylist()
+    dtype = np.dtype(filters.signature_matrix([], [], num_perm).dtype)
+    out = np.zeros((len(seeds), num_perm), dtype=dtype)
+    have = [k for k, s in enumerate(sigs) if s is not None]
+    out_rows = np.asarray([seeds[k] - block * block_size for k in have], dtype=np.int64)
+    if have:
+        out[out_rows] = filters.signature_matrix([sigs[k] for k in have], [seeds[k] for k in have], num_perm)
+    return out
+
+
+# ------------------------------------------------------------------------------ the dedup steps
+def _takes_part(row: dict, rules: RejectRules) -> bool:
+    """A row with dedup inputs that no earlier check rejected (verdicts.eligible_for_dedup)."""
+    return bool(row.get("dedup_key")) and row.get("minhash") is not None and eligible_for_dedup(row, rules)
+
+
+def _band_rows(batch: dict, *, work_uri: str, s3_cfg: Optional[dict], num_samples: int, block_size: int,
+               rules: dict, threshold: float, num_perm: int, partitions: int) -> dict:
+    """Work blocks -> one row per (eligible sample, LSH band): partition, bucket, band, key, seed."""
+    storage, rules_ = _storage(s3_cfg), RejectRules(**rules)
+    bands = filters.lsh_bands(threshold, num_perm)
+    seeds, keys, sigs = [], [], []
+    for block in batch["id"].tolist():
+        for row in _read_block(storage, work_uri, int(block), num_samples, block_size, _DEDUP_COLUMNS):
+            if _takes_part(row, rules_):
+                seeds.append(int(row["seed_index"]))
+                keys.append(row["dedup_key"])
+                sigs.append(row["minhash"])
+    hashes = filters.band_hashes(filters.signature_matrix(sigs, seeds, num_perm), bands)  # (n, b)
+    words = filters.key_words(keys)
+    nb = len(bands)
+    bucket = hashes.reshape(-1)
+    return {"part": (bucket.view(np.uint64) % np.uint64(partitions)).astype(np.int32), "bucket": bucket,
+            "band": np.tile(np.arange(nb, dtype=np.int16), len(seeds)),
+            "key0": np.repeat(words[:, 0], nb), "key1": np.repeat(words[:, 1], nb),
+            "seed": np.repeat(np.asarray(seeds, dtype=np.int64), nb)}
+
+
+def _pairs_of_partition(group: dict, *, block_size: int) -> dict:
+    i, j, alias = filters.bucket_pairs(group["bucket"], group["band"], group["key0"], group["key1"], group["seed"])
+    return {"i": i, "j": j, "alias": alias, "ib": i // block_size, "jb": j // block_size}
+
+
+def _attach_j(group: dict, *, work_uri: str, s3_cfg: Optional[dict], block_size: int, num_perm: int) -> dict:
+    """Pairs whose j is in one block: drop repeats (a pair found in several bands), attach j's signature."""
+    pairs = np.unique(np.stack([group["i"], group["j"], group["alias"].astype(np.int64)], axis=1), axis=0)
+    i, j, alias = pairs[:, 0], pairs[:, 1], pairs[:, 2].astype(bool)
+    block = int(group["jb"][0])
+    sigs = _signatures_of_block(_storage(s3_cfg), work_uri, block, block_size, num_perm)
+    return {"i": i, "j": j, "alias": alias, "ib": i // block_size, "sig_j": sigs[j - block * block_size]}
+
+
+def _verify(group: dict, *, work_uri: str, s3_cfg: Optional[dict], block_size: int, num_perm: int,
+            threshold: float) -> dict:
+    """Pairs whose i is in one block: the matches (alias edges are matches by construction)."""
+    block = int(group["ib"][0])
+    sigs = _signatures_of_block(_storage(s3_cfg), work_uri, block, block_size, num_perm)
+    i, alias = group["i"], group["alias"]
+    sig_j = np.asarray(group["sig_j"]).reshape(len(i), num_perm)
+    match = alias | filters.verify_pairs(sigs[i - block * block_size], sig_j, filters.lsh_bands(threshold, num_perm),
+                                         threshold)
+    return {"i": i[match], "j": group["j"][match], "alias": alias[match]}
+
+
+def _duplicates(total: int, *, work_uri: str, s3_cfg: Optional[dict], num_samples: int, block_size: int, rules: dict,
+                threshold: float, num_perm: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(seeds, duplicate_of) over all N rows, sorted by seed, and a few counts."""
+    import ray
+
+    nb = len(filters.lsh_bands(threshold, num_perm))
+    partitions = max(1, -(-num_samples * nb // _ROWS_PER_PARTITION))
+    read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
+    common = {"work_uri": work_uri, "s3_cfg": s3_cfg, "block_size": block_size, "num_perm": num_perm}
+    bands = read.map_batches(_band_rows, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
+                             fn_kwargs={**common, "num_samples": num_samples, "rules": rules,
+                                        "threshold": threshold, "partitions": partitions})
+    pairs = bands.groupby("part", num_partitions=partitions).map_groups(
+        _pairs_of_partition, batch_format="numpy", num_cpus=1, fn_kwargs={"block_size": block_size})
+    with_j = pairs.groupby("jb", num_partitions=partitions).map_groups(_attach_j, batch_format="numpy", num_cpus=1, fn_kwargs=common)
+    edges = with_j.groupby("ib", num_partitions=partitions).map_groups(_verify, batch_format="numpy", num_cpus=1,
+                                            fn_kwargs={**common, "threshold": threshold})
+    parts = {"i": [], "j": [], "alias": []}
+    for batch in edges.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in parts:
+            parts[k].append(batch[k])
+    cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=bool if k == "alias" else np.int64) for k, v in parts.items()}
+    seeds, dup_of = filters.resolve_duplicates(cat["i"].astype(np.int64), cat["j"].astype(np.int64),
+                                               cat["alias"].astype(bool))
+    stats = {"dedup_matches": int(len(cat["j"])), "dedup_exact_copies": int(cat["alias"].sum()),
+             "dedup_partitions": partitions}
+    return seeds, dup_of, stats
+
+
+# ----------------------------------------------------------------------------------- the writer
+def _write_records(batch: dict, *, work_uri: str, records_uri: str, s3_cfg: Optional[dict], num_samples: int,
+                   block_size: int, rules: dict, dedup: bool, duplicates, rewrite: bool) -> dict:
+    """One task per few record blocks: read the work block, set duplicate_of, final verdicts, write."""
+    import ray
+
+    storage, rules_ = _storage(s3_cfg), RejectRules(**rules)
+    seeds, dup_of = ray.get(duplicates) if duplicates is not None else (np.zeros(0, np.int64),) * 2
+    tally, written, eligible = Tally(), 0, 0
+    for block in batch["id"].tolist():
+        block = int(block)
+        rows = _read_block(storage, work_uri, block, num_samples, block_size)
+        lo, hi = np.searchsorted(seeds, [block * block_size, (block + 1) * block_size])
+        mine = dict(zip(seeds[lo:hi].tolist(), dup_of[lo:hi].tolist()))
         for row in rows:
-            row["duplicate_of"] = None
-            if dedup_index is not None and row.get("dedup_key") and eligible_for_dedup(row, rules_):
-                row["duplicate_of"] = dedup_index.check(int(row["seed_index"]), row["dedup_key"], row["minhash"])
+            eligible += int(dedup and _takes_part(row, rules_))
+            row["duplicate_of"] = mine.get(int(row["seed_index"])) if dedup else None
             row["reject_reason"] = first_failure(row, rules_)
             row["accepted"] = row["reject_reason"] is None
             tally.add(row, rules_)
-        dest = join_uri(records_uri, name)
-        if dest not in have:
+        dest = join_uri(records_uri, blocks.block_name(block))
+        if rewrite or not storage.exists(dest):
             write_table(storage, dest, schema.validate_records(rows_to_table(rows, schema.RECORD_SCHEMA)))
             written += 1
+    return {"tally": np.asarray([json.dumps(tally.state())]), "written": np.asarray([written]),
+            "eligible": np.asarray([eligible]), "rss_mb": np.asarray([_peak_rss_mb()])}
+
+
+def finalize_blocks(*, work_uri: str, records_uri: str, num_samples: int, block_size: int, rules: dict,
+                    dedup: Optional[dict], s3_cfg: Optional[dict] = None, rewrite: bool = False) -> dict[str, Any]:
+    """Write every missing record block (every block when `rewrite`); returns the manifest counts over
+    all N rows. Needs a Ray cluster (ray.init or a job); call it from a Ray task to keep the
+    resolution's memory off the driver (synthesize/run.py does)."""
+    import ray
+
+    t0 = time.time()
+    total = blocks.num_blocks(num_samples, block_size)
+    duplicates, stats = None, {}
+    if dedup:
+        seeds, dup_of, stats = _duplicates(total, work_uri=work_uri, s3_cfg=s3_cfg, num_samples=num_samples,
+                                           block_size=block_size, rules=rules, threshold=dedup["threshold"],
+                                           num_perm=dedup["num_perm"])
+        duplicates = ray.put((seeds, dup_of))
+        log.info("finalize: %d near/exact matches, %d duplicates in %.1f s", stats["dedup_matches"], len(seeds),
+                 time.time() - t0)
+    t1 = time.time()
+    read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
+    out = read.map_batches(_write_records, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
+                           fn_kwargs={"work_uri": work_uri, "records_uri": records_uri, "s3_cfg": s3_cfg,
+                                      "num_samples": num_samples, "block_size": block_size, "rules": rules,
+                                      "dedup": bool(dedup), "duplicates": duplicates, "rewrite": rewrite})
+    tally, written, eligible, writer_rss = Tally(), 0, 0, 0.0
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        for state, n, e, rss in zip(batch["tally"].tolist(), batch["written"].tolist(), batch["eligible"].tolist(),
+                                    batch["rss_mb"].tolist()):
+            tally.merge(json.loads(state))
+            written, eligible = written + int(n), eligible + int(e)
+            writer_rss = max(writer_rss, float(rss))
     counts = tally.as_dict()
     counts["record_blocks_written"] = written
-    counts["dedup_kept"] = len(dedup_index) if dedup_index is not None else None
+    # the samples that took part in dedup and were kept (the sequential index's size)
+    counts["dedup_kept"] = eligible - counts["reject_reasons"]["duplicate"] if dedup else None
+    counts.update(stats)
     counts["finalize_seconds"] = round(time.time() - t0, 3)
+    counts["finalize_write_seconds"] = round(time.time() - t1, 3)
+    counts["peak_rss_mb"] = {"resolve": _peak_rss_mb(), "write": writer_rss}
     return counts

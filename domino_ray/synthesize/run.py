@@ -11,9 +11,10 @@ draft -> respond -> tests -> judge (LLM actor pools) -> execute (sandbox actors)
 driver only reads one small row per written block, so its memory does not grow with N. A killed job
 restarted with the same config lists synth/work, skips the finished blocks and redoes only the rest.
 
-Phase 2 (one Ray task, `finalize.finalize_blocks`): global dedup in seed order, final verdicts, counts,
-synth/records. Its memory grows with the number of kept samples (the MinHash index, ~1.5 KiB each);
-nothing else in the job does.
+Phase 2 (`finalize.finalize_blocks`, Ray Data operations driven from one small Ray task): global
+dedup (MinHash LSH bands grouped by key, candidate pairs verified, resolved in seed order over the
+match graph only), final verdicts, counts, synth/records written by one task per few blocks. No task
+holds state that grows with N.
 
 Config fingerprint: the sections that change what a record contains (run name and seed, backbone,
 references, synthesize without actor-pool sizes, sandbox when execute is on, the representation's
@@ -361,23 +362,25 @@ def _stream(ds, todo: list[int], total_blocks: int, num_samples: int) -> dict[st
             "steady_samples_per_second": steady}
 
 
-def _finalize_remote(kwargs: dict, s3: dict) -> dict:
-    from domino_ray.config import S3Config
+def _finalize_remote(kwargs: dict) -> dict:
     from domino_ray.synthesize.finalize import finalize_blocks
 
-    return finalize_blocks(storage=Storage(S3Config(**s3)), **kwargs)
+    return finalize_blocks(**kwargs)
 
 
-def _finalize(cfg: DominoConfig, paths: SynthPaths) -> dict[str, Any]:
+def _finalize(cfg: DominoConfig, paths: SynthPaths, rewrite: bool = False) -> dict[str, Any]:
+    """The final pass (finalize.py), driven from a small Ray task so that the match graph it
+    resolves stays off the driver; the heavy steps are Ray Data operations it starts."""
     import ray
 
     syn = cfg.synthesize
     dedup = ({"threshold": syn.filter.dedup_threshold, "num_perm": syn.filter.num_perm}
              if syn.filter.enabled and syn.filter.dedup else None)
     kwargs = {"work_uri": paths.work, "records_uri": paths.records, "num_samples": syn.num_samples,
-              "block_size": syn.block_size, "rules": vars(RejectRules.from_config(syn)), "dedup": dedup}
+              "block_size": syn.block_size, "rules": vars(RejectRules.from_config(syn)), "dedup": dedup,
+              "s3_cfg": cfg.storage.s3.model_dump(), "rewrite": rewrite}
     task = ray.remote(num_cpus=0.25, max_retries=1)(_finalize_remote)
-    return ray.get(task.remote(kwargs, cfg.storage.s3.model_dump()))
+    return ray.get(task.remote(kwargs))
 
 
 # ------------------------------------------------------------------------------------- the job

@@ -145,6 +145,26 @@ class Tally:
             self.tokens[stage]["out"] += int(row.get(out_col) or 0)
             self.tokens[stage]["in"] += int(row.get(in_col) or 0)
 
+    def state(self) -> dict[str, Any]:
+        """The raw counts (JSON-able): tasks that each count some blocks send this to be merged."""
+        return {"rows": self.rows, "accepted": self.accepted, "reasons": dict(self.reasons),
+                "stages": {s: dict(v) for s, v in self.stages.items()},
+                "tokens": {s: dict(v) for s, v in self.tokens.items()}}
+
+    def merge(self, state: Mapping[str, Any]) -> None:
+        """Add another Tally's `state()`: counting rows in parts and merging equals counting them all."""
+        self.rows += state["rows"]
+        self.accepted += state["accepted"]
+        for reason, n in state["reasons"].items():
+            self.reasons[reason] += n
+        for stage, verdicts in state["stages"].items():
+            counts = self.stages.setdefault(stage, {})
+            for verdict, n in verdicts.items():
+                counts[verdict] = counts.get(verdict, 0) + n
+        for stage, io in state["tokens"].items():
+            for k, n in io.items():
+                self.tokens[stage][k] += n
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "rows": self.rows,

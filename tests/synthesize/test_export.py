@@ -11,7 +11,7 @@ from tests.synthesize.test_finalize import make_rows, run, write_work
 
 
 @pytest.fixture
-def run_root(tmp_path):
+def run_root(tmp_path, ray_cluster):  # the final pass runs on Ray
     storage, root = Storage(), str(tmp_path / "run")
     rows = make_rows()
     for r in rows:

@@ -93,6 +93,27 @@ def test_tally_counts_reasons_stages_and_tokens():
     assert out["tokens_in"] == 28 and out["tokens_out"] == 15
 
 
+def test_tallies_of_parts_merge_into_the_tally_of_the_whole():
+    import json
+
+    rows = [good_row(draft_tokens=10, prompt_tokens=8), good_row(judge_score=2.0, draft_tokens=3),
+            good_row(judge_raw=None, judge_score=None, response=None, draft=""), good_row(syntax_ok=False)]
+    for r in rows:
+        r["reject_reason"] = first_failure(r, RULES)
+        r["accepted"] = r["reject_reason"] is None
+    whole, merged = Tally(), Tally()
+    for r in rows:
+        whole.add(r, RULES)
+    for part in (rows[:1], rows[1:3], rows[3:], []):  # each part counted in its own task
+        t = Tally()
+        for r in part:
+            t.add(r, RULES)
+        merged.merge(json.loads(json.dumps(t.state())))
+    assert merged.as_dict() == whole.as_dict()
+    assert merged.as_dict()["rows"] == 4 and merged.as_dict()["tokens"]["draft"]["out"] == 13
+    assert merged.as_dict()["stages"]["filter"] == {"syntax_ok": 3, "syntax_error": 1}
+
+
 @pytest.mark.parametrize("score, accepted", [(5.0, True), (4.999, False), (5.001, True)])
 def test_threshold_is_inclusive_wherever_the_pipeline_applies_it(score, accepted):
     """A grade equal to the threshold passes: in the streaming check, the final pass, the manifest's
