@@ -3,10 +3,21 @@
     domino finetune --config CFG
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/finetune.py --config CFG
 
-Reads `<run>/synth/records/*.parquet`, keeps the accepted rows and turns each into one chat
-(user = draft, assistant = response, through the tokenizer's chat template), with the loss on the
-response tokens only (prompt tokens are labelled `schema.IGNORE_INDEX`). A `TorchTrainer` runs
-`finetune.num_workers` workers; with LoRA only the adapter weights are DDP parameters. It writes:
+Streams `<run>/synth/records/*.parquet` through Ray Data: `read_parquet` of the five columns it
+needs, the accepted rows turned into one chat each in `map_batches` (user = draft, assistant =
+response, through the tokenizer's chat template), with the loss on the response tokens only (prompt
+tokens are labelled `schema.IGNORE_INDEX`), and `get_dataset_shard("train")` in each worker. The
+driver holds no record and no token: one counting pass (one small row per 1024 records) gives the
+step count of the LR schedule and raises NoAcceptedRecords before training when nothing is
+accepted. A `TorchTrainer` runs `finetune.num_workers` workers; with LoRA only the adapter weights
+are DDP parameters.
+
+Order and determinism: the record files are read in a seeded order (the same every epoch) and each
+worker shuffles through a local buffer of 1024 sequences, seeded by (run.seed, epoch, rank). With one
+worker the batches of an epoch are a function of the seed alone (resumed or not); with several,
+which worker gets which block follows the streaming split and is not fixed, and each epoch leaves
+out up to num_workers-1 sequences (the equal split). With `packing`, examples are packed within
+each batch of 1024 records. It writes:
 
     <run>/finetune/checkpoints/   Ray Train checkpoints, one per epoch
     <run>/finetune/adapter/       peft LoRA adapter + tokenizer           (method: lora)
@@ -23,34 +34,45 @@ checkpoints are deleted with a warning and training starts afresh: the config wi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
-import random
 import shutil
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
 
 from domino_ray.config import DominoConfig, FinetuneConfig
+from domino_ray.layout import FINETUNE_OUTPUTS, RunLayout
 from domino_ray.manifest import RunManifest, StageBlocked, config_fingerprint
 from domino_ray.schema import IGNORE_INDEX
-from domino_ray.storage import Storage, join_uri
+from domino_ray.storage import Storage
 
 __all__ = [
     "NoAcceptedRecords",
     "SFTExample",
     "run_finetune",
+    "record_files",
+    "read_records",
+    "tokenize_records",
+    "scan_records",
+    "record_digest",
+    "training_dataset",
     "load_accepted_records",
     "format_example",
     "build_sequences",
     "reference_sequences",
     "pack_examples",
     "collate",
+    "collate_arrays",
+    "steps_per_epoch",
     "lr_at",
     "finetune_paths",
 ]
@@ -60,7 +82,7 @@ log = logging.getLogger(__name__)
 STAGE = "finetune"
 _STATE_FILE = "state.json"  # epoch, step and fingerprint of a checkpoint
 _OPTIM_FILE = "optimizer.pt"
-_METRICS_FILE = "metrics.jsonl"
+_METRICS_FILE = "metrics.jsonl"  # inside each checkpoint; exported to RunLayout.finetune_metrics
 _WARMUP_FRACTION = 0.03  # of all steps; at least one step
 
 
@@ -78,26 +100,165 @@ class SFTExample:
 
 def finetune_paths(run_root: str) -> dict[str, str]:
     """URIs of everything the finetune stage writes under the run root."""
-    base = join_uri(run_root, "finetune")
-    return {name: join_uri(base, name) for name in ("checkpoints", "adapter", "model", "merged")} | {
-        "root": base, "metrics": join_uri(base, _METRICS_FILE)}
+    layout = RunLayout(run_root)
+    return {name: layout.finetune_output(name) for name in FINETUNE_OUTPUTS} | {
+        "root": layout.finetune, "metrics": layout.finetune_metrics}
 
 
 # ----------------------------------------------------------------------------------------- data
+# The synthetic records stream from Parquet through Ray Data into the workers (DESIGN section 2):
+#     read_parquet(_RECORD_COLUMNS) -> map_batches(tokenize_records) -> get_dataset_shard("train")
+# The driver holds the file list and one small stats row per tokenized batch (scan_records), never
+# a record or a token; each worker holds its prefetched batches and its shuffle buffer.
+_RECORD_COLUMNS = ["id", "draft", "response", "accepted", "reject_reason"]  # all finetune reads of a record
+_TOKENIZE_BATCH = 1024  # records per tokenization call; with packing, also the window examples are packed in
+_SHUFFLE_BUFFER = 1024  # sequences in each worker's local shuffle buffer (x max_length x 2 int64: <= 16 MB at 1024)
+_SEQUENCE_SCHEMA = None  # built lazily (pyarrow is imported inside functions)
+
+
+def _sequence_schema():
+    import pyarrow as pa
+
+    global _SEQUENCE_SCHEMA
+    if _SEQUENCE_SCHEMA is None:
+        _SEQUENCE_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64()))])
+    return _SEQUENCE_SCHEMA
+
+
+def record_files(run_root: str, storage: Storage) -> list[str]:
+    """The record Parquet files of a run (URIs, sorted); NoAcceptedRecords when there are none."""
+    records_uri = RunLayout(run_root).synth_records
+    files = storage.list_files(records_uri, suffix=".parquet")
+    if not files:
+        raise NoAcceptedRecords(
+            f"{records_uri}: no record files; run `domino synthesize --config CFG` first (same run.output)")
+    return files
+
+
+def read_records(files: list[str], storage: Storage, shuffle_seed: Optional[int] = None):
+    """A lazy Ray Dataset of the records' `_RECORD_COLUMNS` (no other column is read). With
+    `shuffle_seed` the file order is a seeded permutation, the same one on every execution (so an
+    epoch after a resume reads the files in the order the uninterrupted run would)."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    fs, _ = storage.filesystem(files[0])
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=False)
+    return ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs, columns=_RECORD_COLUMNS,
+                                 partitioning=None, shuffle=shuffle)
+
+
+def accepted_rows(batch: Mapping[str, Sequence[Any]]) -> list[int]:
+    """Indices of the rows finetune trains on: accepted, with a response that is not blank."""
+    return [i for i, (ok, response) in enumerate(zip(batch["accepted"], batch["response"]))
+            if ok and (response or "").strip()]
+
+
+def sequences_of(batch: Mapping[str, Sequence[Any]], tokenizer, max_length: int, chat: bool,
+                 packing: bool) -> tuple[list[SFTExample], int, int]:
+    """(training sequences, examples, examples skipped for a too-long prompt) of one record batch,
+    in batch order; with `packing` the examples of this batch are packed together."""
+    examples, skipped = [], 0
+    for i in accepted_rows(batch):
+        ex = format_example(tokenizer, batch["draft"][i] or "", batch["response"][i], max_length, chat)
+        if ex is None:
+            skipped += 1
+        else:
+            examples.append(ex)
+    return (pack_examples(examples, max_length) if packing else examples), len(examples), skipped
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_tokenizer(model: str, trust_remote_code: bool):
+    """One tokenizer per Ray worker process (tasks reuse their process), not one per batch."""
+    from domino_ray.backbone import load_tokenizer
+
+    return load_tokenizer(model, trust_remote_code)
+
+
+def tokenize_records(batch: dict[str, np.ndarray], model: str, trust_remote_code: bool, max_length: int,
+                     chat: bool, packing: bool):
+    """Ray Data map: a batch of records -> its training sequences (`input_ids`, `labels` lists)."""
+    import pyarrow as pa
+
+    seqs, _, _ = sequences_of(batch, _worker_tokenizer(model, trust_remote_code), max_length, chat, packing)
+    return pa.table({"input_ids": [s.input_ids for s in seqs], "labels": [s.labels for s in seqs]},
+                    schema=_sequence_schema())
+
+
+def record_digest(rows: Iterable[tuple[str, str, str]]) -> int:
+    """Order-free digest of training rows (id, draft, response): the sum of their SHA-256 values
+    mod 2^256. Sums of block digests add up to the digest of the whole set, so it is computed in the
+    Ray Data batches (no sort, no row on the driver) and still changes when any row does."""
+    total = 0
+    for row in rows:
+        h = hashlib.sha256()
+        for part in row:
+            h.update((part or "").encode("utf-8") + b"\x00")
+        total = (total + int.from_bytes(h.digest(), "big")) % _DIGEST_MOD
+    return total
+
+
+_DIGEST_MOD = 1 << 256
+
+
+def record_batch_stats(batch: dict[str, np.ndarray], model: str, trust_remote_code: bool, max_length: int,
+                       chat: bool, packing: bool):
+    """Ray Data map: one row of counts for a batch of records (the same tokenization as
+    tokenize_records, so `sequences` is what training will get), their digest and reject reasons."""
+    import pyarrow as pa
+
+    seqs, examples, skipped = sequences_of(batch, _worker_tokenizer(model, trust_remote_code), max_length, chat,
+                                           packing)
+    keep = accepted_rows(batch)
+    kept = set(keep)
+    reasons = Counter(r or "accepted_but_empty_response" for i, r in enumerate(batch["reject_reason"]) if i not in kept)
+    digest = record_digest((batch["id"][i], batch["draft"][i], batch["response"][i]) for i in keep)
+    return pa.table({
+        "rows": [len(batch["id"])], "accepted": [len(keep)], "examples": [examples], "skipped_too_long": [skipped],
+        "sequences": [len(seqs)], "tokens": [sum(len(s.input_ids) for s in seqs)],
+        "target_tokens": [sum(sum(1 for t in s.labels if t != IGNORE_INDEX) for s in seqs)],
+        "digest": [f"{digest:064x}"], "reasons": [json.dumps(dict(reasons))],
+    })
+
+
+def scan_records(ds, run_root: str, tokenize_kwargs: dict[str, Any]) -> tuple[dict[str, int], str]:
+    """(counts, data digest) of a records dataset in one streamed pass; the driver adds up one small
+    row per batch of `_TOKENIZE_BATCH` records. Raises NoAcceptedRecords (naming the run and the
+    reject-reason counts) when no record is accepted, or when every accepted prompt is too long."""
+    totals = Counter()
+    reasons = Counter()
+    digest = 0
+    stats = ds.map_batches(record_batch_stats, fn_kwargs=tokenize_kwargs, batch_size=_TOKENIZE_BATCH,
+                           batch_format="numpy")
+    for row in stats.iter_rows():
+        for key in ("rows", "accepted", "examples", "skipped_too_long", "sequences", "tokens", "target_tokens"):
+            totals[key] += int(row[key])
+        reasons.update(json.loads(row["reasons"]))
+        digest = (digest + int(row["digest"], 16)) % _DIGEST_MOD
+    if not totals["accepted"]:
+        raise NoAcceptedRecords(
+            f"run {run_root}: 0 of {totals['rows']} synthetic records are accepted (reject reasons: "
+            f"{dict(reasons.most_common())}); nothing to fine-tune on. Look at the first reason: raise "
+            f"synthesize.num_samples, relax the judge threshold or the filters, or use a stronger model.")
+    if not totals["examples"]:
+        raise NoAcceptedRecords(
+            f"all {totals['accepted']} accepted records have prompts longer than finetune.max_length "
+            f"({tokenize_kwargs['max_length']} tokens); raise finetune.max_length")
+    counts = {k: totals[k] for k in ("examples", "skipped_too_long", "sequences", "target_tokens", "tokens")}
+    return counts | {"records": totals["accepted"]}, f"{digest:064x}"
+
+
 def load_accepted_records(run_root: str, storage: Storage) -> list[dict[str, str]]:
-    """Accepted (id, draft, response) rows of `<run>/synth/records`, sorted by seed index.
+    """Accepted (id, draft, response) rows of `<run>/synth/records` as a list, sorted by seed index:
+    an in-memory reader for small runs and tests. run_finetune never calls it (it streams, above).
 
     Raises NoAcceptedRecords naming the run and the reject-reason counts when none is accepted.
     """
     import pyarrow as pa
 
-    records_uri = join_uri(run_root, "synth", "records")
-    files = storage.list_files(records_uri, suffix=".parquet")
-    if not files:
-        raise NoAcceptedRecords(
-            f"{records_uri}: no record files; run `domino synthesize --config CFG` first (same run.output)")
-    columns = ["id", "seed_index", "draft", "response", "accepted", "reject_reason"]
-    table = pa.concat_tables([storage.arrow_table(f).select(columns) for f in files])
+    files = record_files(run_root, storage)
+    table = pa.concat_tables([storage.arrow_table(f).select(_RECORD_COLUMNS + ["seed_index"]) for f in files])
     rows = sorted(table.to_pylist(), key=lambda r: r["seed_index"])
     accepted = [r for r in rows if r["accepted"] and (r["response"] or "").strip()]
     if not accepted:
@@ -107,15 +268,6 @@ def load_accepted_records(run_root: str, storage: Storage) -> list[dict[str, str
             f"{dict(reasons.most_common())}); nothing to fine-tune on. Look at the first reason: raise "
             f"synthesize.num_samples, relax the judge threshold or the filters, or use a stronger model.")
     return [{"id": r["id"], "draft": r["draft"] or "", "response": r["response"]} for r in accepted]
-
-
-def records_sha256(records: list[dict[str, str]]) -> str:
-    """Hash of the training data (ids and texts in order): part of the checkpoint fingerprint."""
-    h = hashlib.sha256()
-    for r in records:
-        for part in (r["id"], r["draft"], r["response"]):
-            h.update(part.encode("utf-8") + b"\x00")
-    return h.hexdigest()
 
 
 def format_example(tokenizer, draft: str, response: str, max_length: int, chat: bool) -> Optional[SFTExample]:
@@ -178,7 +330,8 @@ def pack_examples(examples: list[SFTExample], max_length: int) -> list[SFTExampl
 
 
 def build_sequences(records: list[dict[str, str]], tokenizer, ft: FinetuneConfig) -> tuple[list[SFTExample], dict[str, int]]:
-    """Training sequences for the accepted records, and counts (examples, skipped, tokens)."""
+    """Training sequences of an in-memory record list, and counts (examples, skipped, tokens): the
+    single-process counterpart of tokenize_records (one packing window = the whole list)."""
     examples, skipped = [], 0
     for r in records:
         ex = format_example(tokenizer, r["draft"], r["response"], ft.max_length, ft.chat_template)
@@ -200,7 +353,8 @@ def build_sequences(records: list[dict[str, str]], tokenizer, ft: FinetuneConfig
 def reference_sequences(cfg: DominoConfig, tokenizer, storage: Storage) -> tuple[list[dict[str, str]], list[SFTExample], dict[str, int]]:
     """The reference-SFT baseline (`finetune.data: references`): each training reference (never a
     held-out one) as plain text, every token a target, encoded exactly as the held-out NLL scores it
-    (context = references.prefix or BOS, then text + EOS), cut to finetune.max_length."""
+    (context = references.prefix or BOS, then text + EOS), cut to finetune.max_length. In memory on
+    the driver: a reference set is thousands of texts (references.max_samples), not a synthetic run."""
     from domino_ray.evaluate.nll import encode_heldout
     from domino_ray.references import read_reference_split
 
@@ -216,31 +370,66 @@ def reference_sequences(cfg: DominoConfig, tokenizer, storage: Storage) -> tuple
     return records, seqs, stats
 
 
-def collate(batch: list[SFTExample], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch: input_ids/labels/attention_mask tensors of shape (B, longest)."""
+def collate_arrays(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
+    """Right-pad one batch: input_ids/labels/attention_mask tensors of shape (B, longest)."""
     import torch
 
-    longest = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[i, :n] = torch.tensor(ex.input_ids)
-        labels[i, :n] = torch.tensor(ex.labels)
+    longest = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), longest), pad_id, dtype=torch.long)
+    out_labels = torch.full((len(input_ids), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), longest), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(input_ids, labels)):
+        n = len(x)
+        ids[i, :n] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+        out_labels[i, :n] = torch.as_tensor(np.asarray(y, dtype=np.int64))
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": ids, "labels": out_labels, "attention_mask": mask}
 
 
-def shard_indices(num_sequences: int, epoch: int, seed: int, rank: int, world: int) -> list[int]:
-    """This worker's sequence indices for one epoch: a seeded shuffle, wrapped so that every worker
-    gets the same count (DDP needs the same number of steps on every rank)."""
-    order = list(range(num_sequences))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    per_worker = math.ceil(num_sequences / world)
-    while len(order) < per_worker * world:
-        order += order[: per_worker * world - len(order)]
-    return order[rank::world]
+def collate(batch: list[SFTExample], pad_id: int) -> dict[str, Any]:
+    """collate_arrays of a list of SFTExamples."""
+    return collate_arrays([ex.input_ids for ex in batch], [ex.labels for ex in batch], pad_id)
+
+
+class _PadCollate:
+    """iter_torch_batches collate_fn: a numpy batch of sequences -> padded tensors (collate_arrays)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return collate_arrays(batch["input_ids"], batch["labels"], self.pad_id)
+
+
+def steps_per_epoch(num_sequences: int, world: int, batch_size: int) -> int:
+    """Optimizer steps per epoch on every worker: Ray Train splits the dataset with `equal=True`,
+    so each worker gets floor(S / world) sequences (up to world-1 are left out of an epoch, a different
+    few each epoch as the order changes) and every rank takes the same number of steps (DDP)."""
+    return math.ceil((num_sequences // world) / batch_size)
+
+
+def training_dataset(cfg: DominoConfig, storage: Storage, base_model: str, tokenizer) -> tuple[Any, dict[str, int], str]:
+    """(lazy Ray Dataset of training sequences, counts, data digest) for `finetune.data`.
+
+    synthetic: the records stream (read_records -> tokenize_records), after one counting pass
+    (scan_records) that raises NoAcceptedRecords before any training starts. references: the
+    reference texts, tokenized on the driver (a bounded set) and handed over with from_items.
+    """
+    import ray
+
+    ft = cfg.finetune
+    if ft.data == "references":
+        records, seqs, stats = reference_sequences(cfg, tokenizer, storage)
+        ds = ray.data.from_items([{"input_ids": s.input_ids, "labels": s.labels} for s in seqs])
+        digest = f"{record_digest((r['id'], r['draft'], r['response']) for r in records):064x}"
+        return ds, stats | {"records": len(records)}, digest
+    files = record_files(cfg.run.output, storage)
+    kwargs = {"model": base_model, "trust_remote_code": cfg.backbone.trust_remote_code,
+              "max_length": ft.max_length, "chat": ft.chat_template, "packing": ft.packing}
+    stats, digest = scan_records(read_records(files, storage), cfg.run.output, kwargs)
+    ds = read_records(files, storage, shuffle_seed=cfg.run.seed).map_batches(
+        tokenize_records, fn_kwargs=kwargs, batch_size=_TOKENIZE_BATCH, batch_format="numpy")
+    return ds, stats, digest
 
 
 def lr_at(step: int, total_steps: int, base_lr: float) -> float:
@@ -255,14 +444,13 @@ def lr_at(step: int, total_steps: int, base_lr: float) -> float:
 # ------------------------------------------------------------------------------- training worker
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: setup -> resume -> epochs (checkpoint each) ; rank 0 writes checkpoints."""
-    import ray
     import ray.train
     import torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"] + rank)  # LoRA dropout differs per rank, reproducibly
-    seqs: list[SFTExample] = ray.get(config["sequences_ref"])
+    shard = ray.train.get_dataset_shard("train")  # this worker's stream of sequences (equal split)
     model, device, autocast_dtype = _setup_model(config)
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]  # LoRA: the base; full: none
@@ -270,22 +458,28 @@ def _train_loop(config: dict[str, Any]) -> None:
     optim = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0)
     start_epoch, step, history = _restore(model, optim, config)
 
-    steps_per_epoch = math.ceil(math.ceil(len(seqs) / world) / config["batch_size"])
-    total_steps = steps_per_epoch * config["epochs"]
+    planned = steps_per_epoch(config["num_sequences"], world, config["batch_size"])
+    total_steps = planned * config["epochs"]
     for epoch in range(start_epoch, config["epochs"]):
         model.train()
-        idx = shard_indices(len(seqs), epoch, config["seed"], rank, world)
-        for b in range(0, len(idx), config["batch_size"]):
-            batch = collate([seqs[i] for i in idx[b: b + config["batch_size"]]], config["pad_id"])
+        taken = 0
+        # seeded per epoch and rank: a fresh order every epoch, the same one on a re-run of that epoch
+        batches = shard.iter_torch_batches(batch_size=config["batch_size"], collate_fn=_PadCollate(config["pad_id"]),
+                                           local_shuffle_buffer_size=_SHUFFLE_BUFFER,
+                                           local_shuffle_seed=(config["seed"] * 1_000_003 + epoch) * 1009 + rank)
+        for batch in batches:
             lr = lr_at(step, total_steps, config["lr"])
             loss, compute_dtype = _train_step(model, optim, params, batch, device, autocast_dtype, lr)
-            step += 1
+            step, taken = step + 1, taken + 1
             row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr,
                    "target_tokens": int((batch["labels"] != IGNORE_INDEX).sum()) * world,
                    "compute_dtype": compute_dtype, "base_dtype": base_dtype}
             history.append(row)
             if rank == 0:  # print: Ray Train forwards worker stdout to the driver and the dashboard
                 print(f"finetune epoch {epoch + 1} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e}", flush=True)
+        if taken != planned and rank == 0:  # packing windows can shift with the file order; the schedule clamps
+            print(f"finetune: epoch {epoch + 1} took {taken} steps, the schedule planned {planned} "
+                  f"(from the counting pass)", flush=True)
         _save_and_report(model, optim, config, epoch, step, history, rank)
 
 
@@ -443,22 +637,27 @@ def _ray_run_config(storage: Storage, paths: dict[str, str], max_failures: int):
     )
 
 
-def _worker_config(cfg: DominoConfig, base_model: str, seqs_ref, pad_id: int, fingerprint: str) -> dict[str, Any]:
+def _worker_config(cfg: DominoConfig, base_model: str, num_sequences: int, pad_id: int, fingerprint: str) -> dict[str, Any]:
+    """What every worker gets besides its dataset shard: settings and counts, no data."""
     ft = cfg.finetune
-    return {"base_model": base_model, "sequences_ref": seqs_ref, "pad_id": pad_id, "fingerprint": fingerprint,
+    return {"base_model": base_model, "num_sequences": num_sequences, "pad_id": pad_id, "fingerprint": fingerprint,
             "method": ft.method, "lora": ft.lora.model_dump(), "lr": ft.lr, "batch_size": ft.batch_size,
             "epochs": ft.epochs, "precision": ft.precision, "seed": cfg.run.seed,
             "trust_remote_code": cfg.backbone.trust_remote_code}
 
 
-def _fit(cfg: DominoConfig, storage: Storage, paths: dict[str, str], worker_cfg: dict[str, Any]):
-    from ray.train import ScalingConfig
+def _fit(cfg: DominoConfig, storage: Storage, paths: dict[str, str], worker_cfg: dict[str, Any], dataset):
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     ft = cfg.finetune
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=worker_cfg,
+        datasets={"train": dataset},  # a lazy Ray Dataset: the driver never holds the sequences
+        # preserve_order: with one worker the batches are a function of the seed alone
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(num_workers=ft.num_workers, use_gpu=ft.use_gpu,
                                      resources_per_worker={"CPU": ft.cpus_per_worker} | ({"GPU": 1} if ft.use_gpu else {})),
         run_config=_ray_run_config(storage, paths, ft.max_failures),
@@ -537,8 +736,6 @@ def resolve_base_model(cfg: DominoConfig) -> str:
 
 def run_finetune(cfg: DominoConfig) -> dict[str, Any]:
     """Fine-tune on the accepted records of `cfg.run.output`; returns a summary (paths, losses, counts)."""
-    import ray
-
     from domino_ray.backbone import load_tokenizer
     from domino_ray.runtime import ensure_ray
 
@@ -549,12 +746,11 @@ def run_finetune(cfg: DominoConfig) -> dict[str, Any]:
     paths = finetune_paths(run_root)
     base_model = resolve_base_model(cfg)
     tokenizer = load_tokenizer(base_model, cfg.backbone.trust_remote_code)
-    if ft.data == "references":
-        records, seqs, data_stats = reference_sequences(cfg, tokenizer, storage)
-    else:
-        records = load_accepted_records(run_root, storage)
-        seqs, data_stats = build_sequences(records, tokenizer, ft)
-    data_sha = records_sha256(records)
+    ensure_ray()
+    dataset, data_stats, data_sha = training_dataset(cfg, storage, base_model, tokenizer)
+    if data_stats["sequences"] < ft.num_workers:
+        raise ValueError(f"finetune: {data_stats['sequences']} training sequence(s) for finetune.num_workers="
+                         f"{ft.num_workers}; every worker needs at least one: lower finetune.num_workers")
     fingerprint = resume_fingerprint(ft, base_model, data_sha, cfg.run.seed)
     manifest = RunManifest(storage, run_root)
     manifest.update_stage(STAGE, "running", fingerprint=config_fingerprint(cfg.section_dict("finetune"), base_model, data_sha),
@@ -562,11 +758,10 @@ def run_finetune(cfg: DominoConfig) -> dict[str, Any]:
     try:
         resumed = _prepare_checkpoints(storage, paths["checkpoints"], fingerprint)
         log.info("finetune: %d accepted records -> %d sequences (%d target tokens), %s on %d worker(s)%s",
-                 len(records), data_stats["sequences"], data_stats["target_tokens"], ft.method, ft.num_workers,
+                 data_stats["records"], data_stats["sequences"], data_stats["target_tokens"], ft.method, ft.num_workers,
                  f", resuming after epoch {resumed['epoch'] + 1}" if resumed else "")
-        ensure_ray()
-        seqs_ref = ray.put(seqs)
-        result = _fit(cfg, storage, paths, _worker_config(cfg, base_model, seqs_ref, tokenizer.pad_token_id, fingerprint))
+        worker_cfg = _worker_config(cfg, base_model, data_stats["sequences"], tokenizer.pad_token_id, fingerprint)
+        result = _fit(cfg, storage, paths, worker_cfg, dataset)
         outputs = _export(cfg, paths, result.checkpoint, base_model)
     except Exception as e:
         manifest.update_stage(STAGE, "failed", error=f"{type(e).__name__}: {e}")
@@ -575,7 +770,7 @@ def run_finetune(cfg: DominoConfig) -> dict[str, Any]:
     summary = {
         "run": run_root, "method": ft.method, "base_model": base_model, **outputs,
         "checkpoints": paths["checkpoints"], "metrics": paths["metrics"],
-        "records": len(records), "data_sha256": data_sha, **data_stats,
+        "data_sha256": data_sha, **data_stats,
         "epochs": ft.epochs, "steps": history[-1]["step"] if history else 0,
         "resumed_from_epoch": resumed["epoch"] + 1 if resumed else None,
         "first_loss": history[0]["loss"] if history else None,

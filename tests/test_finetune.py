@@ -1,10 +1,12 @@
-"""finetune: formatting and masking (pure), then real Ray Train SFT on the tiny model with 2 workers."""
+"""finetune: formatting and masking (pure), the streamed input plan on a real local Ray, then real Ray
+Train SFT on the tiny model (against a single-process computation of the same steps, and with 2 workers)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,8 +21,12 @@ from domino_ray.finetune import (
     load_accepted_records,
     lr_at,
     pack_examples,
+    record_batch_stats,
+    record_digest,
     run_finetune,
-    shard_indices,
+    steps_per_epoch,
+    tokenize_records,
+    training_dataset,
 )
 from domino_ray.schema import IGNORE_INDEX, empty_record, validate_records
 from domino_ray.storage import Storage, join_uri
@@ -97,12 +103,53 @@ def test_packing_keeps_targets_and_respects_max_length():
     assert (batch["labels"][3, 8:] == IGNORE_INDEX).all()
 
 
-def test_shards_have_equal_length_and_cover_everything():
-    for n, world in [(10, 3), (2, 4), (9, 1)]:
-        shards = [shard_indices(n, epoch=1, seed=0, rank=r, world=world) for r in range(world)]
-        assert len({len(s) for s in shards}) == 1
-        assert set().union(*map(set, shards)) == set(range(n))
-    assert shard_indices(10, 0, 0, 0, 2) != shard_indices(10, 1, 0, 0, 2)  # reshuffled every epoch
+def test_steps_per_epoch_follow_the_equal_split():
+    # floor(S / world) sequences per worker, then ceil(. / batch): worked by hand
+    assert [steps_per_epoch(10, 3, 2), steps_per_epoch(32, 2, 4), steps_per_epoch(9, 1, 8), steps_per_epoch(17, 2, 8)] \
+        == [2, 4, 2, 1]
+
+
+def record_batch(pairs, rejected=0, blank=0) -> dict[str, np.ndarray]:
+    """A numpy batch of record rows as Ray Data hands tokenize_records: accepted pairs first, then
+    rejected rows, then accepted rows whose response is blank."""
+    ids, drafts, responses, accepted, reasons = [], [], [], [], []
+    for i, (d, r) in enumerate(pairs):
+        ids.append(f"r{i}"), drafts.append(d), responses.append(r), accepted.append(True), reasons.append(None)
+    for j in range(rejected):
+        ids.append(f"x{j}"), drafts.append("x"), responses.append("y"), accepted.append(False), reasons.append("duplicate")
+    for j in range(blank):
+        ids.append(f"b{j}"), drafts.append("z"), responses.append("  "), accepted.append(True), reasons.append(None)
+    obj = lambda v: np.array(v, dtype=object)  # noqa: E731
+    return {"id": obj(ids), "draft": obj(drafts), "response": obj(responses), "accepted": np.array(accepted),
+            "reject_reason": obj(reasons)}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_tokenize_records_masks_like_format_example_and_drops_unaccepted_rows(tiny_model_dir, packing):
+    from domino_ray.backbone import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    pairs = toy_pairs(5)
+    kwargs = dict(model=str(tiny_model_dir), trust_remote_code=False, max_length=128, chat=True, packing=packing)
+    out = tokenize_records(record_batch(pairs, rejected=2, blank=1), **kwargs).to_pylist()
+    expected = [format_example(tok, d, r, 128, chat=True) for d, r in pairs]  # the pinned masking, row by row
+    if packing:
+        expected = pack_examples(expected, 128)
+        assert len(expected) < len(pairs)  # the five examples really were packed together
+    assert [(row["input_ids"], row["labels"]) for row in out] == [(e.input_ids, e.labels) for e in expected]
+    stats = record_batch_stats(record_batch(pairs, rejected=2, blank=1), **kwargs).to_pylist()[0]
+    assert (stats["rows"], stats["accepted"], stats["examples"], stats["sequences"]) == (8, 5, 5, len(expected))
+    assert json.loads(stats["reasons"]) == {"duplicate": 2, "accepted_but_empty_response": 1}
+    assert stats["target_tokens"] == sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in expected)
+
+
+def test_record_digest_ignores_order_and_sees_every_field():
+    rows = [("a", "d1", "r1"), ("b", "d2", "r2"), ("c", "d3", "r3")]
+    assert record_digest(rows) == record_digest(rows[::-1]) == (record_digest(rows[:1]) + record_digest(rows[1:])) % 2**256
+    for changed in [("a", "d1", "r1x"), ("a", "d1x", "r1"), ("ax", "d1", "r1")]:
+        assert record_digest([changed] + rows[1:]) != record_digest(rows)
+    assert record_digest(rows + rows[:1]) != record_digest(rows)  # a duplicated row counts
+    assert record_digest([("ab", "", "r")]) != record_digest([("a", "b", "r")])  # field boundaries count
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -138,6 +185,50 @@ def test_no_accepted_records_names_run_and_reasons(tmp_path, tiny_model_dir):
         load_accepted_records(str(tmp_path / "nothing"), storage)
 
 
+def test_streamed_finetune_without_accepted_records_stops_before_training(ray_cluster, tiny_model_dir, tmp_path):
+    from domino_ray.manifest import RunManifest
+
+    storage = Storage()
+    out = str(tmp_path / "run")
+    write_records(storage, out, [], rejected=5)
+    with pytest.raises(NoAcceptedRecords) as e:
+        run_finetune(make_cfg(tiny_model_dir, out))
+    assert out in str(e.value) and "'duplicate': 3" in str(e.value) and "'syntax_error': 2" in str(e.value)
+    assert RunManifest(storage, out).stage("finetune") is None  # no stage started, no checkpoint written
+    assert not storage.exists(join_uri(out, "finetune"))
+    too_long = [("word " * 300, "short answer")]  # the prompt alone is past max_length 128
+    write_records(storage, str(tmp_path / "long"), too_long)
+    with pytest.raises(NoAcceptedRecords, match="raise finetune.max_length"):
+        run_finetune(make_cfg(tiny_model_dir, str(tmp_path / "long")))
+
+
+def test_training_dataset_streams_what_the_in_memory_reference_builds(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    """The trainer gets a lazy Ray Dataset that reads Parquet (no records list on the driver); its
+    sequences, counts and digest equal the single-process reference on the same records."""
+    import ray
+
+    from domino_ray.backbone import load_tokenizer
+
+    storage = Storage()
+    out = str(tmp_path / "run")
+    write_records(storage, out, toy_pairs(12), rejected=3)
+    cfg = make_cfg(tiny_model_dir, out)
+    tok = load_tokenizer(str(tiny_model_dir))
+    ds, stats, digest = training_dataset(cfg, storage, str(tiny_model_dir), tok)
+    assert isinstance(ds, ray.data.Dataset)
+    capsys.readouterr()
+    ds.explain()  # prints the logical plan: a Parquet read, then the tokenizing map
+    plan = capsys.readouterr().out.split("Logical Plan (Optimized)")[0]
+    assert "ReadFilesParquet" in plan and "Project" in plan and "tokenize_records" in plan and "FromItems" not in plan
+
+    records = load_accepted_records(out, storage)
+    seqs, expected = build_sequences(records, tok, cfg.finetune)
+    assert {k: stats[k] for k in expected} == expected and stats["records"] == 12
+    assert digest == f"{record_digest((r['id'], r['draft'], r['response']) for r in records):064x}"
+    got = sorted((tuple(r["input_ids"]), tuple(r["labels"])) for r in ds.take_all())
+    assert got == sorted((tuple(s.input_ids), tuple(s.labels)) for s in seqs)
+
+
 def test_build_sequences_counts(tiny_model_dir, tmp_path):
     from domino_ray.backbone import load_tokenizer
 
@@ -158,6 +249,64 @@ def greedy(engine, prompts: list[str]) -> list[str]:
     outs = engine.generate([GenerationRequest(text=p, chat=True) for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=24))
     return [o.completions[0].text for o in outs]
+
+
+@pytest.mark.slow
+def test_streamed_lora_sft_matches_a_single_process_computation_of_the_same_steps(ray_cluster, tiny_model_dir, tmp_path):
+    """One worker, one batch per epoch (so the shuffle cannot change a step): the losses of every step
+    and the final adapter equal a plain loop written here with transformers + peft + AdamW on the
+    same sequences, with the LR schedule worked out by hand."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from domino_ray.backbone import load_tokenizer
+
+    storage = Storage()
+    out = str(tmp_path / "run")
+    pairs = toy_pairs(8)
+    write_records(storage, out, pairs, rejected=3)
+    modules = ["q_proj", "v_proj"]
+    cfg = make_cfg(tiny_model_dir, out, num_workers=1, batch_size=8, epochs=3, lr=5e-3,
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": modules})
+    summary = run_finetune(cfg)
+    history = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    seqs = [format_example(tok, d, r, 128, chat=True) for d, r in pairs]
+    longest = max(len(s.input_ids) for s in seqs)
+    batch = {"input_ids": torch.tensor([s.input_ids + [0] * (longest - len(s.input_ids)) for s in seqs]),
+             "labels": torch.tensor([s.labels + [IGNORE_INDEX] * (longest - len(s.labels)) for s in seqs]),
+             "attention_mask": torch.tensor([[1] * len(s.input_ids) + [0] * (longest - len(s.input_ids)) for s in seqs])}
+    torch.manual_seed(cfg.run.seed)  # the worker seeds rank 0 with run.seed before building the adapter
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                                             target_modules=modules))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+    # 3 steps: warm-up round(0.03 * 3) -> 1 step at full lr, then linear decay: frac 0 -> 1.0, frac 1/2 -> 0.55
+    losses = []
+    for lr in (5e-3, 5e-3, 0.55 * 5e-3):
+        for group in optim.param_groups:
+            group["lr"] = lr
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+
+    assert summary["records"] == 8 and summary["sequences"] == 8 and summary["steps"] == 3
+    assert [r["lr"] for r in history] == pytest.approx([5e-3, 5e-3, 0.55 * 5e-3])
+    assert [r["loss"] for r in history] == pytest.approx(losses, rel=1e-4)
+    assert losses[-1] < losses[0]
+    saved = load_file(str(Path(summary["adapter"]) / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    assert set(saved) == set(expected) and len(saved) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[key], value.detach(), rtol=1e-4, atol=1e-6)
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # B left its zero init
 
 
 @pytest.mark.slow
