@@ -6,6 +6,7 @@ Heavy libraries are imported inside the subcommands, so `domino --help` and `dom
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -18,6 +19,18 @@ def _load(args):
     from domino_ray.config import load_config
 
     return load_config(args.config, output=getattr(args, "output", None))
+
+
+@contextlib.contextmanager
+def _held(args):
+    """The job's config, with its run root held by this job for the block (domino_ray/runlock.py):
+    refused while another job holds it, or when it is local on a multi-node cluster."""
+    from domino_ray.runlock import hold_run_root
+    from domino_ray.storage import Storage
+
+    cfg = _load(args)
+    with hold_run_root(cfg.run.output, Storage(cfg.storage.s3), break_lock=args.break_lock):
+        yield cfg
 
 
 def _print_json(obj) -> None:
@@ -56,14 +69,16 @@ def cmd_backbone_smollm2(args) -> int:
 def cmd_learn(args) -> int:
     from domino_ray.learn import run_learn
 
-    _print_json(run_learn(_load(args)))
+    with _held(args) as cfg:
+        _print_json(run_learn(cfg))
     return 0
 
 
 def cmd_synthesize(args) -> int:
     from domino_ray.synthesize import run_synthesize
 
-    _print_json(run_synthesize(_load(args), overwrite=args.overwrite))
+    with _held(args) as cfg:
+        _print_json(run_synthesize(cfg, overwrite=args.overwrite))
     return 0
 
 
@@ -78,7 +93,8 @@ def cmd_export(args) -> int:
 def cmd_finetune(args) -> int:
     from domino_ray.finetune import run_finetune
 
-    _print_json(run_finetune(_load(args)))
+    with _held(args) as cfg:
+        _print_json(run_finetune(cfg))
     return 0
 
 
@@ -89,26 +105,30 @@ def cmd_evaluate(args) -> int:
         if args.model or args.lora:
             print("--samples scores an existing file; it takes no --model or --lora", file=sys.stderr)
             return 2
-        _print_json(score_samples(_load(args), args.samples, name=args.name, benchmark=args.benchmark))
+        with _held(args) as cfg:
+            _print_json(score_samples(cfg, args.samples, name=args.name, benchmark=args.benchmark))
         return 0
     if args.benchmark:
         print("--benchmark goes with --samples (for generation, set evaluate.benchmark)", file=sys.stderr)
         return 2
-    _print_json(run_evaluate(_load(args), model=args.model, lora=args.lora, name=args.name))
+    with _held(args) as cfg:
+        _print_json(run_evaluate(cfg, model=args.model, lora=args.lora, name=args.name))
     return 0
 
 
 def cmd_run(args) -> int:
     from domino_ray.pipeline import run_pipeline
 
-    run_pipeline(_load(args))  # prints its own summary table; the full record is in <run>/manifest.json
+    with _held(args) as cfg:
+        run_pipeline(cfg)  # prints its own summary table; the full record is in <run>/manifest.json
     return 0
 
 
 def cmd_study(args) -> int:
     from domino_ray.study import run_study
 
-    out = run_study(_load(args))  # prints its table; every number is in <root>/study.json
+    with _held(args) as cfg:  # the study root holds every arm's run root
+        out = run_study(cfg)  # prints its table; every number is in <root>/study.json
     return 0 if out["status"] == "completed" else 1
 
 
@@ -153,6 +173,9 @@ def _add_job(sub, name: str, fn: Callable, help_: str) -> argparse.ArgumentParse
     p = sub.add_parser(name, help=help_, description=help_)
     p.add_argument("--config", required=True, help="YAML config file (see `domino config --example`)")
     p.add_argument("--output", default=None, help="run root URI; overrides run.output (local path or s3://bucket/prefix)")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take the run root even though another job's lock on it has not expired (only when that "
+                        "job is gone: killed, or its node lost)")
     p.set_defaults(fn=fn)
     return p
 

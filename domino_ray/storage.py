@@ -4,16 +4,26 @@ One `S3Config` builds one `pyarrow.fs.S3FileSystem` (pyarrow ignores AWS_ENDPOIN
 endpoint is passed as `endpoint_override`) and one boto3 client (DESIGN.md section 7). Both read
 credentials from the config, else the standard AWS variables or a profile. Unreachable endpoints,
 missing buckets and bad credentials raise `StorageError` with the URI and the fix.
+
+Writes are atomic: a file appears at its URI whole or not at all. `open_atomic` is the one writer:
+on S3 it streams a multipart upload that is completed only when the block ends without an exception
+and aborted otherwise (a plain PUT when the data fits one part), because pyarrow's S3 output stream
+completes the upload on close even when an exception is unwinding, publishing a truncated object.
+Locally it writes a hidden temp file beside the target, fsyncs it, renames it over the target and
+fsyncs the folder, so a crash leaves the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import posixpath
+import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -21,6 +31,10 @@ import pyarrow.fs as pafs
 from domino_ray.config import S3Config
 
 __all__ = ["StorageError", "Storage", "is_s3", "split_s3", "join_uri"]
+
+log = logging.getLogger(__name__)
+
+PART_SIZE = 8 * 1024 * 1024  # multipart part size of atomic S3 writes (S3's minimum is 5 MiB)
 
 
 class StorageError(RuntimeError):
@@ -66,11 +80,94 @@ def _storage_error(uri: str, action: str, e: OSError, where: str) -> StorageErro
     return StorageError(f"{uri}: cannot {action}: {hint} ({text})" if hint else f"{uri}: cannot {action} ({text})")
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or create inside `path` durable (the folder's entry, not only the file's data)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _S3Upload:
+    """A write-only stream to one S3 key that becomes an object only on `complete()`.
+
+    Bytes are buffered up to `part_size`; the first full part starts a multipart upload. `complete()`
+    sends what is left (one PUT when no part was sent) and completes; `abort()` aborts the upload,
+    so nothing appears at the key and no parts are left billed."""
+
+    def __init__(self, client, bucket: str, key: str, part_size: int = PART_SIZE):
+        self.client, self.bucket, self.key, self.part_size = client, bucket, key, part_size
+        self.buf = bytearray()
+        self.upload_id: Optional[str] = None
+        self.parts: list[dict[str, Any]] = []
+        self.written = 0
+        self.closed = False
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, data) -> int:
+        if self.closed:
+            raise ValueError("write to a finished S3 upload")
+        data = memoryview(data).cast("B")
+        self.buf += data
+        self.written += len(data)
+        while len(self.buf) >= self.part_size:
+            self._send(bytes(self.buf[: self.part_size]))
+            del self.buf[: self.part_size]
+        return len(data)
+
+    def _send(self, chunk: bytes) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
+        number = len(self.parts) + 1
+        etag = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number,
+                                       Body=chunk)["ETag"]
+        self.parts.append({"ETag": etag, "PartNumber": number})
+
+    def complete(self) -> None:
+        if self.upload_id is None:
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=bytes(self.buf))
+        else:
+            if self.buf:
+                self._send(bytes(self.buf))
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                                  MultipartUpload={"Parts": self.parts})
+        self.buf = bytearray()
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+        self.buf = bytearray()
+        if self.upload_id is None:
+            return
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+        except Exception as e:  # the object never appeared; only the parts may linger (a bucket lifecycle rule ends them)
+            log.warning("storage: s3://%s/%s: could not abort multipart upload %s (%s); no object was written",
+                        self.bucket, self.key, self.upload_id, e)
+
+
 class Storage:
     """Filesystem access for local paths and s3:// URIs through one S3 configuration."""
 
-    def __init__(self, s3: Optional[S3Config] = None):
+    def __init__(self, s3: Optional[S3Config] = None, part_size: int = PART_SIZE):
         self.s3 = s3 or S3Config()
+        self.part_size = part_size
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the cached clients stay behind (a boto3 client does not pickle); a copy builds its own
+        return {"s3": self.s3, "part_size": self.part_size}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     # -- construction of the two clients ---------------------------------------------------------
     def _credentials(self) -> dict[str, Optional[str]]:
@@ -176,21 +273,54 @@ class Storage:
         except OSError as e:
             raise _storage_error(uri, "read", e, self._where) from e
 
-    def write_bytes(self, uri: str, data: bytes) -> None:
-        """Write a whole object; local writes go through a temp file + rename (no torn files)."""
-        fs, path = self.filesystem(uri)
-        if not is_s3(uri):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+    @contextlib.contextmanager
+    def open_atomic(self, uri: str) -> Iterator[BinaryIO]:
+        """A binary stream whose bytes appear at `uri` only if the block ends without an exception.
+
+            with storage.open_atomic("s3://bucket/run/x.jsonl") as f:
+                for line in lines:
+                    f.write(line)          # an exception here leaves no object (and no temp file)
+
+        Pyarrow writers take it as a sink (`pq.write_table(table, f)`)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            upload = _S3Upload(self.boto3_client, bucket, key, self.part_size)
+            try:
+                yield upload  # type: ignore[misc]
+                upload.complete()
+            except BaseException as e:
+                upload.abort()
+                if isinstance(e, Exception) and type(e).__module__.startswith(("botocore", "boto3")):
+                    raise self._client_error(uri, "write", e) from e
+                raise
             return
+        path = Path(self.filesystem(uri)[1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        f = open(tmp, "wb")
         try:
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-        except OSError as e:
-            raise _storage_error(uri, "write", e, self._where) from e
+            yield f  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _client_error(self, uri: str, action: str, e: Exception) -> StorageError:
+        """A StorageError for a failed boto3 call, with the likely fix when the error tells it."""
+        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+        text = f"{code} {e}" if code else f"{type(e).__name__}: {e}"
+        hint = next((h.format(where=self._where) for keys, h in _S3_HINTS if any(k in text for k in keys)), None)
+        return StorageError(f"{uri}: cannot {action}: {hint} ({text})" if hint else f"{uri}: cannot {action} ({text})")
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a whole object atomically (`open_atomic`): the old one or the new one, never a torn one."""
+        with self.open_atomic(uri) as f:
+            f.write(data)
 
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")

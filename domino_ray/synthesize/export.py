@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from domino_ray.layout import RunLayout
-from domino_ray.storage import Storage, is_s3
+from domino_ray.storage import Storage
 
 __all__ = ["FORMATS", "export_records", "format_record", "iter_accepted"]
 
@@ -69,25 +67,15 @@ def export_records(run_uri: str, fmt: str, out: str, config_path: Optional[str] 
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     storage = _storage_for(config_path)
     uris = _record_uris(run_uri, storage)
-    fs, path = storage.filesystem(out)
-    tmp = path if is_s3(out) else f"{path}.tmp-{os.getpid()}"
-    if not is_s3(out):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
     written = no_response = 0
-    try:
-        with fs.open_output_stream(tmp) as f:  # S3: the object appears only when the stream closes
-            for row in iter_accepted(run_uri, storage, uris):
-                if not (row.get("response") or "").strip():
-                    no_response += 1
-                    continue
-                f.write((json.dumps(format_record(row, fmt), ensure_ascii=False) + "\n").encode("utf-8"))
-                written += 1
-    except BaseException:
-        if not is_s3(out) and os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    if not is_s3(out):
-        os.replace(tmp, path)
+    # the file appears whole when the loop ends, or not at all (an S3 upload is aborted on error)
+    with storage.open_atomic(out) as f:
+        for row in iter_accepted(run_uri, storage, uris):
+            if not (row.get("response") or "").strip():
+                no_response += 1
+                continue
+            f.write((json.dumps(format_record(row, fmt), ensure_ascii=False) + "\n").encode("utf-8"))
+            written += 1
     if no_response:
         log.warning("export: %d accepted records have no response (respond stage off?) and were not exported",
                     no_response)

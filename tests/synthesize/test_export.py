@@ -61,3 +61,25 @@ def test_errors(run_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="domino synthesize"):
         export_records(str(tmp_path / "nothing"), "alpaca", str(tmp_path / "x.jsonl"))
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_an_error_mid_export_to_s3_leaves_no_object(run_root, s3_server, s3_bucket, tmp_path, monkeypatch):
+    import domino_ray.synthesize.export as export
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({"storage": {"s3": s3_server.model_dump()}}))
+    real, calls = export.format_record, []
+
+    def fail_on_the_third(row, fmt):  # two lines are already in the upload when this raises
+        calls.append(row["seed_index"])
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(row, fmt)
+
+    monkeypatch.setattr(export, "format_record", fail_on_the_third)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        export_records(run_root, "chat-jsonl", f"s3://{s3_bucket}/exports/chat.jsonl", config_path=str(cfg))
+    client = Storage(s3_server).boto3_client
+    assert len(calls) == 3
+    assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
