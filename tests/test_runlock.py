@@ -17,6 +17,7 @@ import yaml
 
 from domino_ray.runlock import RunLock, RunRootLocked, hold_run_root, job_identity, local_root_problem
 from domino_ray.storage import Storage
+from tests.test_multinode import two_node_cluster  # noqa: F401  (a fixture: head + worker node)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,3 +215,16 @@ def test_a_local_run_root_is_refused_on_more_than_one_alive_node():
     assert local_root_problem("/data/runs/r1", [_node("10.0.0.1"), _node("10.0.0.2", alive=False)]) is None
     assert local_root_problem("/data/runs/r1", []) is None
 
+
+
+@pytest.mark.slow
+def test_a_local_run_root_is_refused_on_a_real_two_node_cluster(two_node_cluster, tmp_path):
+    """A driver that joins a head + worker cluster (tests/test_multinode.py) is refused before any stage runs."""
+    address, env = two_node_cluster
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "r", "output": str(tmp_path / "run")}}))
+    proc = subprocess.run([sys.executable, "-m", "domino_ray", "learn", "--config", str(cfg)], cwd=REPO,
+                          env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "2 alive nodes" in proc.stderr and "Use an s3:// run.output" in proc.stderr, proc.stderr[-4000:]
+    assert not (tmp_path / "run" / ".lock").exists()
