@@ -431,11 +431,18 @@ def hold_run_root(run_root: str, storage: Storage, break_lock: bool = False, job
                   lease_s: float = LEASE_S) -> Iterator[RunLock]:
     """Check the run root suits the cluster, hold its lock (with a heartbeat) for the block, release it."""
     _check_cluster(run_root)
+    local = None if is_s3(run_root) else Path(run_root).expanduser()
+    created = local is not None and not local.exists()
     storage.check_writable_root(run_root)
-    lock = RunLock(storage, run_root, job_id=job_id, lease_s=lease_s).acquire(break_lock=break_lock)
     try:
-        lock.start_heartbeat()
-        with _sigterm_as_exit():
-            yield lock
+        lock = RunLock(storage, run_root, job_id=job_id, lease_s=lease_s).acquire(break_lock=break_lock)
+        try:
+            lock.start_heartbeat()
+            with _sigterm_as_exit():
+                yield lock
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if created:  # a job that failed before writing anything leaves no empty run root behind
+            with contextlib.suppress(OSError):
+                local.rmdir()

@@ -228,3 +228,14 @@ def test_a_local_run_root_is_refused_on_a_real_two_node_cluster(two_node_cluster
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "2 alive nodes" in proc.stderr and "Use an s3:// run.output" in proc.stderr, proc.stderr[-4000:]
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_job_that_wrote_nothing_leaves_no_run_root_but_one_that_wrote_keeps_it(tmp_path):
+    storage = Storage()
+    with pytest.raises(ValueError):
+        with hold_run_root(str(tmp_path / "empty"), storage, job_id="x"):
+            raise ValueError("bad config found by the stage")
+    assert not (tmp_path / "empty").exists()
+    with hold_run_root(str(tmp_path / "kept"), storage, job_id="x"):
+        storage.write_text(str(tmp_path / "kept" / "manifest.json"), "{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["manifest.json"]
