@@ -236,7 +236,8 @@ class FilterStageConfig(_Section):
 
 class SynthesizeConfig(_Section):
     num_samples: int = Field(64, ge=1, description="N seeds; each produces exactly one record.")
-    block_size: int = Field(16, ge=1, description="Seeds per output block (one Parquet file). Resume redoes at most the blocks in flight.")
+    block_size: int = Field(1024, ge=1, description="Seeds per block: the unit of work from input to write (one Ray Data block and one task per stage, one Parquet file). Memory per task, the wait for the first written block and the work a kill loses (the blocks in flight) grow with it; tiny blocks cost per-task overhead. 1024 suits a GPU pool (a block is ~64 engine calls of batch_size 16); use a few x batch_size on a small machine.")
+    max_errored_blocks: int = Field(3, ge=0, description="Blocks whose tasks may fail (an exception in any stage) before the job stops (Ray Data's DataContext.max_errored_blocks). The failed blocks are skipped, the others written; the run ends incomplete (no records) and a re-run generates only the missing blocks. 0 = the first failure stops the job; a few tolerate a rare bad block without letting a systematic error fail every block.")
     draft: DraftStageConfig = Field(default_factory=DraftStageConfig, description="Draft stage.")
     respond: RespondStageConfig = Field(default_factory=RespondStageConfig, description="Respond stage.")
     judge: JudgeStageConfig = Field(default_factory=JudgeStageConfig, description="Judge stage.")

@@ -5,12 +5,12 @@ no Ray and are tested directly."""
 
 from __future__ import annotations
 
-__all__ = ["run_synthesize", "SynthesisConflict", "export_records"]
+__all__ = ["run_synthesize", "SynthesisConflict", "SynthesisIncomplete", "export_records"]
 
 
 def __getattr__(name: str):
     # lazy: `import domino_ray.synthesize.filters` must not pull Ray, transformers or pyarrow.parquet
-    if name in ("run_synthesize", "SynthesisConflict"):
+    if name in ("run_synthesize", "SynthesisConflict", "SynthesisIncomplete"):
         from domino_ray.synthesize import run
 
         return getattr(run, name)

@@ -6,6 +6,11 @@ rename; S3: one PUT), so an object that exists is complete. A restarted job list
 those blocks and generates the rest: every seed ends up in exactly one object, and at most the blocks
 in flight at the kill are redone.
 
+Blocks are also the unit of work in Ray Data (synthesize/run.py): one Ray Data block, hence one task
+per stage, per seed block, so memory per task, the wait for the first written block and the work a
+kill throws away are bounded by `block_size` whatever N is. `task_groups` says which blocks travel
+together: each alone, except a short remainder block, which rides with one other (see there).
+
 Per-request seeds derive from (run seed, seed index, stage) through sha256, so a sample is regenerated
 bit-for-bit by an engine that honours seeds, whichever actor or batch it lands in.
 """
@@ -17,7 +22,7 @@ import re
 from typing import Iterable, Optional
 
 __all__ = ["num_blocks", "block_seeds", "block_of", "block_name", "parse_block_name", "missing_blocks",
-           "request_seed"]
+           "task_groups", "request_seed"]
 
 _NAME = re.compile(r"(?:^|/)part-(\d{6,})\.parquet$")
 
@@ -50,6 +55,22 @@ def missing_blocks(existing_uris: Iterable[str], total: int) -> list[int]:
     """Blocks 0..total-1 without a finished object, in order."""
     present = {b for b in (parse_block_name(u) for u in existing_uris) if b is not None and b < total}
     return [b for b in range(total) if b not in present]
+
+
+def task_groups(todo: list[int], num_samples: int, block_size: int, min_rows: int) -> list[list[int]]:
+    """The seed blocks of each Ray Data input block (hence of each task of every stage), in order.
+
+    Every block travels alone, except the remainder block (N not a multiple of `block_size`) when it
+    holds fewer than `min_rows` rows, the largest rows-per-call of any stage: Ray Data bundles a
+    task's input until it holds `batch_size` rows, so a short block left alone would be bundled with
+    whichever block reached that stage next, an unplanned merge at any stage. Instead it travels with
+    the block before it in `todo` from the start: the only pair, at most 2 x block_size - 1 rows.
+    """
+    groups = [[b] for b in todo]
+    if len(groups) > 1 and todo[-1] == num_blocks(num_samples, block_size) - 1:
+        if len(block_seeds(todo[-1], num_samples, block_size)) < min_rows:
+            groups[-2:] = [groups[-2] + groups[-1]]
+    return groups
 
 
 def request_seed(run_seed: int, seed_index: int, stage: str = "draft") -> int:

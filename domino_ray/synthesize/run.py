@@ -8,8 +8,15 @@ Layout under the run root:
 Phase 1 (streaming, Ray Data): block ids of the blocks not yet in synth/work -> one row per seed ->
 draft -> respond -> tests -> judge (LLM actor pools) -> execute (sandbox actors) -> per-row filters
 (filter actors) -> BlockWriter (one actor; writes a block the moment its last row arrives). The
-driver only reads one small row per written block, so its memory does not grow with N. A killed job
-restarted with the same config lists synth/work, skips the finished blocks and redoes only the rest.
+driver only reads one small row per written block, so its memory does not grow with N.
+
+The seed block is the unit of work (docs/synthesis.md): one Ray Data block, hence one task of every
+stage, per seed block (`blocks.task_groups`), so memory per task, the wait for the first written block
+and the work lost on a kill are bounded by block_size whatever N is. A killed job restarted with the
+same config checks synth/work (an empty, unreadable or wrong-seeded object is deleted and generated
+again), skips the finished blocks and redoes only the rest. A larger num_samples extends: only the new
+blocks (and a remainder block that grew) are generated. Up to synthesize.max_errored_blocks failed
+blocks are tolerated: the others are written, the run ends "incomplete" and a re-run finishes them.
 
 Phase 2 (`finalize.finalize_blocks`, Ray Data operations driven from one small Ray task): global
 dedup (MinHash LSH bands grouped by key, candidate pairs verified, resolved in seed order over the
@@ -26,16 +33,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig
+from domino_ray.layout import RunLayout
 from domino_ray.manifest import RunManifest, config_fingerprint, package_versions, redact_secrets
 from domino_ray.storage import Storage, join_uri
 from domino_ray.synthesize import blocks
 from domino_ray.synthesize.verdicts import RejectRules
 
-__all__ = ["run_synthesize", "SynthesisConflict", "synthesis_fingerprint", "SynthPaths"]
+__all__ = ["run_synthesize", "SynthesisConflict", "SynthesisIncomplete", "synthesis_fingerprint", "SynthPaths",
+           "check_work_blocks", "verdict_parts", "verdict_state"]
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +54,37 @@ class SynthesisConflict(ValueError):
     """The output already holds records made with a different config (use --overwrite)."""
 
 
+class SynthesisIncomplete(RuntimeError):
+    """Some blocks failed (within synthesize.max_errored_blocks); the rest are written. Re-run to finish."""
+
+
 @dataclass(frozen=True)
 class SynthPaths:
+    """synth/ of a run root, as `layout.RunLayout` names it."""
+
     root: str
 
     @property
     def synth(self) -> str:
-        return join_uri(self.root, "synth")
+        return RunLayout(self.root).synth
 
     @property
     def work(self) -> str:
-        return join_uri(self.synth, "work")
+        return RunLayout(self.root).synth_work
 
     @property
     def records(self) -> str:
-        return join_uri(self.synth, "records")
+        return RunLayout(self.root).synth_records
 
     @property
     def manifest(self) -> str:
-        return join_uri(self.synth, "manifest.json")
+        return RunLayout(self.root).synth_manifest
 
 
 # ----------------------------------------------------------------------------------- fingerprint
 _SCHEDULING = ("pool", "fit_cpus", "cluster_can_grow", "resource_wait_s")  # where and when, not what
+# how many, and how failures are tolerated, not what a record holds
+_NOT_REGENERATING = ("num_samples", "max_errored_blocks")
 
 
 def _without_pools(section: Any) -> Any:
@@ -81,7 +99,10 @@ def fingerprint_parts(cfg: DominoConfig, representation_sha256: Optional[str]) -
         "run": {"name": cfg.run.name, "seed": cfg.run.seed},
         "backbone": {k: cfg.section_dict("backbone")[k] for k in ("model", "dtype", "trust_remote_code")},
         "references": cfg.section_dict("references"),
-        "synthesize": _without_pools(cfg.section_dict("synthesize")),
+        # num_samples is not here: a larger N extends the run (only the new blocks are generated; each
+        # sample depends on its own seed index only), a smaller one drops records (E2, docs/synthesis.md)
+        "synthesize": {k: v for k, v in _without_pools(cfg.section_dict("synthesize")).items()
+                       if k not in _NOT_REGENERATING},
         "representation_sha256": representation_sha256,
     }
     if cfg.synthesize.execute.enabled:
@@ -231,15 +252,124 @@ def _claim_output(storage: Storage, paths: SynthPaths, fingerprint: str, parts: 
     return None
 
 
+def _work_seeds(storage: Storage, uri: str) -> list[int]:
+    """The seed indices a work object holds. Reads the footer and one column (a few KiB, not the
+    object); a file that does not parse is read whole once more, so that an unreachable store raises
+    StorageError (nothing deleted) while a corrupt object raises ValueError."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).read(columns=["seed_index"]).column(0).to_pylist()
+    except Exception:  # noqa: BLE001 - decided below, on the whole object
+        data = storage.read_bytes(uri)  # StorageError when the store itself is the problem
+    if not data:
+        raise ValueError("empty (0 bytes)")
+    try:
+        return pq.ParquetFile(io.BytesIO(data)).read(columns=["seed_index"]).column(0).to_pylist()
+    except Exception as e:  # noqa: BLE001 - any parse failure of bytes we hold is a corrupt object
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from e
+
+
+def check_work_blocks(storage: Storage, paths: SynthPaths, num_samples: int, block_size: int,
+                      threads: int = 16) -> dict[str, Any]:
+    """Check the work objects of a run being resumed or extended; return what is left to generate.
+
+    A work object that is empty, unreadable or does not hold exactly its block's seeds (a remainder
+    block of a smaller num_samples, an object cut short) is deleted, logged with its URI, and its
+    block generated again: never fatal, and a good object is never touched. Objects of blocks past
+    N (after num_samples shrank) are kept for a later extension and ignored. Record objects are
+    derived from the work blocks by the final pass, which rewrites the missing ones: those from the
+    first block to generate on, and those past N, are deleted so that synth/records only ever holds
+    records of the current work set (a regenerated block may change the dedup verdicts after it).
+    """
+    total = blocks.num_blocks(num_samples, block_size)
+    found = {b: uri for uri in storage.list_files(paths.work, suffix=".parquet")
+             if (b := blocks.parse_block_name(uri)) is not None}
+    inside = sorted((b, uri) for b, uri in found.items() if b < total)
+
+    def verdict(item: tuple[int, str]) -> Optional[str]:
+        b, uri = item
+        try:
+            got = sorted(_work_seeds(storage, uri))
+        except ValueError as e:
+            return str(e)
+        expected = blocks.block_seeds(b, num_samples, block_size)
+        if got != list(expected):
+            where = f"{got[0]}..{got[-1]}" if got else "none"
+            return f"holds {len(got)} seeds ({where}), block {b} of N={num_samples} is {len(expected)} " \
+                   f"({expected[0]}..{expected[-1]})"
+        return None
+
+    with ThreadPoolExecutor(max(1, min(threads, len(inside)))) as pool:
+        verdicts = list(pool.map(verdict, inside))
+    bad = [(b, uri, why) for (b, uri), why in zip(inside, verdicts) if why]
+    for b, uri, why in bad:
+        log.warning("synthesize: work object %s %s: deleted, block %d is generated again", uri, why, b)
+        storage.delete(uri)
+    good = {b for (b, _), why in zip(inside, verdicts) if not why}
+    todo = [b for b in range(total) if b not in good]
+    beyond = sorted(b for b in found if b >= total)
+    if beyond:
+        log.info("synthesize: %d work blocks past num_samples=%d (blocks %d..%d) kept for a later extension, "
+                 "not part of this run's records", len(beyond), num_samples, beyond[0], beyond[-1])
+    stale_from = min(todo, default=total)
+    stale = [uri for uri in storage.list_files(paths.records, suffix=".parquet")
+             if (b := blocks.parse_block_name(uri)) is not None and b >= stale_from]
+    if stale:
+        log.info("synthesize: %d record objects from block %d on deleted; the final pass writes them again",
+                 len(stale), stale_from)
+    for uri in stale:
+        storage.delete(uri)
+    return {"todo": todo, "regenerated": [b for b, _, _ in bad], "beyond": len(beyond),
+            "records_deleted": len(stale)}
+
+
 # ------------------------------------------------------------------------------------- the plan
-def _pool_args(pool, num_cpus: Optional[float] = None) -> dict[str, Any]:
+# A task whose actor died is retried this many times on a restarted actor (Ray Data restarts actors
+# without limit); a block that keeps killing its engine then fails like any other errored block,
+# counted against synthesize.max_errored_blocks, instead of being retried forever.
+# (Passed as a plain Ray remote argument: Ray 2.60 warns that those go in 2.64 and has no named
+# parameter for it yet; without it Ray Data's default is to retry without limit.)
+ACTOR_TASK_RETRIES = 3
+SEED_MAP_MEMORY = 256 * 1024**2
+
+
+def rows_per_call(pool, block_size: int) -> int:
+    """A pool's rows per UDF call: its batch_size, at most one seed block. Ray Data bundles a task's
+    input up to batch_size rows, so a larger batch_size would put several seed blocks in one task."""
+    return min(pool.batch_size, block_size)
+
+
+def _pool_args(pool, num_cpus: Optional[float] = None, block_size: Optional[int] = None) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
-    args: dict[str, Any] = {"batch_size": pool.batch_size, "num_cpus": pool.num_cpus if num_cpus is None else num_cpus,
-                            "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors)}
+    args: dict[str, Any] = {"batch_size": pool.batch_size if block_size is None else rows_per_call(pool, block_size),
+                            "num_cpus": pool.num_cpus if num_cpus is None else num_cpus,
+                            "compute": ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+                            "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
     if pool.num_gpus:
         args["num_gpus"] = pool.num_gpus
     return args
+
+
+def _largest_call(cfg: DominoConfig) -> int:
+    """The most rows any enabled pool takes per call (blocks.task_groups' min_rows)."""
+    syn = cfg.synthesize
+    pools = [syn.draft.pool]
+    pools += [syn.respond.pool] if syn.respond.enabled else []
+    pools += [syn.judge.pool] if syn.judge.enabled else []
+    pools += [syn.execute.pool] if syn.execute.enabled else []
+    pools += [syn.filter.pool] if syn.filter.enabled else []
+    return max(rows_per_call(p, syn.block_size) for p in pools)
+
+
+def plan_groups(cfg: DominoConfig, todo: list[int]) -> list[list[int]]:
+    """The seed blocks of each task (blocks.task_groups for this config's pools)."""
+    return blocks.task_groups(todo, cfg.synthesize.num_samples, cfg.synthesize.block_size, _largest_call(cfg))
 
 
 def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, paths: SynthPaths, plan=None):
@@ -258,15 +388,25 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
     common = {"backbone_cfg": backbone, "run": cfg.run.name, "rules": rules, "storage_cfg": s3}
 
     # from_items, not ray.data.range: a read task holds a whole CPU while backpressured, and on a
-    # 2-CPU node that starves the actor pools forever. The list is one small dict per missing block.
-    ds = ray.data.from_items([{"id": b} for b in todo], override_num_blocks=max(1, min(len(todo), 256)))
-    ds = ds.map_batches(stages.expand_blocks, batch_size=None, num_cpus=0.1,
+    # 2-CPU node that starves the actor pools forever. The list is one small dict per missing block,
+    # and each is its own Ray Data block: one seed block per task in every stage (blocks.task_groups).
+    groups = plan_groups(cfg, todo)
+    ds = ray.data.from_items([{"ids": g} for g in groups], override_num_blocks=max(1, len(groups)))
+    ctx = ds.context  # this dataset's copy (from_items copies the current one); the maps below inherit it
+    ctx.max_errored_blocks = syn.max_errored_blocks
+    # never cut a task's output into several Ray Data blocks (128 MiB by default): a piece smaller
+    # than the next stage's batch_size would be bundled with another seed block's rows
+    ctx.target_max_block_size = None
+    # A memory request (256 MiB: a worker with Ray and numpy loaded is ~110 MiB; the rows it makes are
+    # ~50 bytes per seed) also keeps this map out of operator fusion: fused into a draft pool of equal num_cpus, the fused task would bundle
+    # batch_size one-row id blocks, i.e. several seed blocks per task. The pools never set memory.
+    ds = ds.map_batches(stages.expand_blocks, batch_size=None, num_cpus=0.1, memory=SEED_MAP_MEMORY,
                         fn_kwargs={"num_samples": syn.num_samples, "block_size": syn.block_size, "run_seed": cfg.run.seed})
 
     def llm(ds, cls, stage_cfg, **extra):
         kwargs = {**common, "engine_cfg": stage_cfg.engine.model_dump(), "sampling": stage_cfg.sampling.model_dump(), **extra}
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy",
-                              **_pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus)))
+                              **_pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus), syn.block_size))
 
     draft_sampling = {**syn.draft.sampling.model_dump(),
                       "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or DEFAULT_DRAFT_MAX_TOKENS}
@@ -284,22 +424,25 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
         from domino_ray.remote import sandbox_remote_args  # untrusted code: sandbox-capable nodes only
 
         ds = ds.map_batches(stages.ExecuteStage, batch_format="numpy",
-                            **_pool_args(syn.execute.pool, cpus_for(plan, "execute", syn.execute.pool.num_cpus)),
+                            **_pool_args(syn.execute.pool, cpus_for(plan, "execute", syn.execute.pool.num_cpus),
+                                         syn.block_size),
                             **sandbox_remote_args(syn.execute.pool),
                             fn_constructor_kwargs={"sandbox_cfg": cfg.section_dict("sandbox"), "run": cfg.run.name,
                                                    "rules": rules})
     if syn.filter.enabled:
         ds = ds.map_batches(stages.RowFilterStage, batch_format="numpy",
-                            **_pool_args(syn.filter.pool, cpus_for(plan, "filter", syn.filter.pool.num_cpus)),
+                            **_pool_args(syn.filter.pool, cpus_for(plan, "filter", syn.filter.pool.num_cpus),
+                                         syn.block_size),
                             fn_constructor_kwargs={"filter_cfg": syn.filter.model_dump(), "run": cfg.run.name,
                                                    "respond_enabled": syn.respond.enabled,
                                                    "references": cfg.section_dict("references") if syn.filter.novelty else None,
                                                    "s3_cfg": s3})
     constants = {"run": cfg.run.name, "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
                  "temperature": syn.draft.sampling.temperature, "top_p": syn.draft.sampling.top_p}
-    # one writer actor: every row of a block must meet in one place to be written as one object
+    # one writer actor: every row of a block must meet in one place to be written as one object;
+    # batch_size=None: one call per upstream block, i.e. per seed block
     return ds.map_batches(stages.BlockWriter, batch_size=None, batch_format="numpy", num_cpus=0.1,
-                          compute=ActorPoolStrategy(size=1),
+                          compute=ActorPoolStrategy(size=1), max_restarts=-1, max_task_retries=ACTOR_TASK_RETRIES,
                           fn_constructor_kwargs={"work_uri": paths.work, "num_samples": syn.num_samples,
                                                  "block_size": syn.block_size, "s3_cfg": s3, "constants": constants,
                                                  "rules": rules})
@@ -335,29 +478,46 @@ def _resource_plan(cfg: DominoConfig):
         time.sleep(min(10.0, left))
 
 
-def _stream(ds, todo: list[int], total_blocks: int, num_samples: int) -> dict[str, Any]:
-    """Run the plan; the driver sees one row per written block (progress, counts)."""
+def _stream(ds, todo: list[int], total_blocks: int, groups: list[list[int]]) -> dict[str, Any]:
+    """Run the plan; the driver sees one row per written block (progress, counts).
+
+    Blocks whose tasks failed within synthesize.max_errored_blocks are simply not written: they are
+    returned as `missing` (the caller ends the run incomplete). The writer's `call_blocks` and
+    `calls` show whether each seed block travelled as one unit: `calls` 1, and `call_blocks` the size
+    of its planned group (`groups`); more is an unplanned merge, counted and warned about."""
     from tqdm import tqdm
 
     t0 = time.time()
     rows = accepted = done = 0
+    written: set[int] = set()
+    planned = {b: len(g) for g in groups for b in g}
+    max_call_blocks = max_calls = unplanned = 0
     first: Optional[tuple[float, int]] = None  # (time, rows) at the first written block
     with tqdm(total=len(todo), desc="synthesize blocks", unit="block") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for block, n, ok in zip(batch["block"].tolist(), batch["rows"].tolist(), batch["accepted"].tolist()):
+            for block, n, ok, calls, call_blocks in zip(*(batch[k].tolist() for k in
+                                                          ("block", "rows", "accepted", "calls", "call_blocks"))):
                 rows, accepted, done = rows + n, accepted + ok, done + 1
+                written.add(int(block))
+                max_call_blocks, max_calls = max(max_call_blocks, call_blocks), max(max_calls, calls)
+                if call_blocks > planned.get(int(block), 1):
+                    unplanned += 1
+                    log.warning("synthesize: block %d reached the writer with %d other seed blocks in one task "
+                                "(planned: %d); memory and lost work per task grow", block, call_blocks - 1,
+                                planned.get(int(block), 1) - 1)
                 first = first or (time.time(), rows)
                 bar.update(1)
                 log.info("synthesize: block %d written (%d rows, %d pass the per-row checks); %d/%d blocks this run, "
                          "%d/%d overall", block, n, ok, done, len(todo), total_blocks - len(todo) + done, total_blocks)
     seconds = time.time() - t0
-    if done != len(todo):
-        raise RuntimeError(f"synthesize: the plan ended with {done} of {len(todo)} blocks written; re-run to finish")
+    missing = [b for b in todo if b not in written]
     # steady state: after the first block, i.e. without actor start-up (engines load in tens of seconds)
     steady = None
     if first is not None and rows > first[1] and time.time() > first[0]:
         steady = round((rows - first[1]) / (time.time() - first[0]), 3)
-    return {"blocks": done, "rows": rows, "seconds": round(seconds, 3),
+    return {"blocks": done, "rows": rows, "seconds": round(seconds, 3), "missing": missing,
+            "first_block_seconds": round(first[0] - t0, 3) if first else None,
+            "max_blocks_per_write_call": max_call_blocks, "max_calls_per_block": max_calls, "unplanned_merges": unplanned,
             "samples_per_second": round(rows / seconds, 3) if seconds > 0 and rows else None,
             "steady_samples_per_second": steady}
 
@@ -397,6 +557,10 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     _check_filter_inputs(cfg, storage)
     fingerprint, parts = synthesis_fingerprint(cfg, inputs.representation_sha256)
     old = _claim_output(storage, paths, fingerprint, parts, overwrite)
+    if old is not None and old.get("num_samples") not in (None, syn.num_samples):
+        log.info("synthesize: num_samples %s -> %d: %s", old["num_samples"], syn.num_samples,
+                 "extending (only the new blocks are generated)" if syn.num_samples > old["num_samples"]
+                 else "shrinking (records past N are dropped; their work blocks are kept)")
     attempts = int((old or {}).get("attempts", 0)) + 1
     head = {"fingerprint": fingerprint, "fingerprint_parts": parts, "config": redact_secrets(cfg.to_dict()),
             "versions": package_versions(), "num_samples": syn.num_samples, "block_size": syn.block_size,
@@ -408,20 +572,34 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     run_manifest.update_stage("synthesize", "running", fingerprint, config=cfg.to_dict())
     try:
         total = blocks.num_blocks(syn.num_samples, syn.block_size)
-        todo = blocks.missing_blocks(storage.list_files(paths.work, suffix=".parquet"), total)
+        checked = check_work_blocks(storage, paths, syn.num_samples, syn.block_size)
+        todo = checked["todo"]
         log.info("synthesize: %d seeds in %d blocks of %d; %d blocks already written, %d to generate",
                  syn.num_samples, total, syn.block_size, total - len(todo), len(todo))
         ensure_ray()
-        gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None, "steady_samples_per_second": None}
+        gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None, "steady_samples_per_second": None,
+               "missing": [], "first_block_seconds": None, "max_blocks_per_write_call": 0, "max_calls_per_block": 0,
+               "unplanned_merges": 0}
         if todo:
             plan = _resource_plan(cfg)
-            gen = _stream(build_synthesis_plan(cfg, todo, inputs, paths, plan), todo, total, syn.num_samples)
+            gen = _stream(build_synthesis_plan(cfg, todo, inputs, paths, plan), todo, total, plan_groups(cfg, todo))
+        if gen["missing"]:
+            missing = gen["missing"]
+            raise SynthesisIncomplete(
+                f"synthesize: {len(missing)} of {len(todo)} blocks failed and were skipped (Ray Data tolerates up to "
+                f"synthesize.max_errored_blocks={syn.max_errored_blocks}; the errors are in the log above): blocks "
+                f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. The other {gen['blocks']} are written; re-run the "
+                f"same command to generate only the missing ones. No records were written (the final pass needs "
+                f"every block)")
         counts = _finalize(cfg, paths)
         if counts["rows"] != syn.num_samples:
             raise RuntimeError(f"synthesize: {counts['rows']} records for {syn.num_samples} seeds; the work files are "
                                f"inconsistent, re-run with --overwrite")
     except BaseException as e:
-        storage.write_json(paths.manifest, {**head, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        status = "incomplete" if isinstance(e, SynthesisIncomplete) else "failed"
+        extra = {"blocks": {"total": total, "skipped": total - len(todo), "generated": gen["blocks"],
+                            "failed": len(gen["missing"])}} if status == "incomplete" else {}
+        storage.write_json(paths.manifest, {**head, **extra, "status": status, "error": f"{type(e).__name__}: {e}"})
         run_manifest.update_stage("synthesize", "failed", fingerprint, error=f"{type(e).__name__}: {e}")
         raise
     wall = time.time() - t0
@@ -429,6 +607,10 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
         **head,
         "status": "completed",
         "blocks": {"total": total, "skipped": total - len(todo), "generated": gen["blocks"]},
+        # the unit of work, as the writer saw it: 1 and 1 when every seed block travelled alone and whole
+        "block_flow": {"regenerated": checked["regenerated"], "max_blocks_per_write_call": gen["max_blocks_per_write_call"],
+                       "max_calls_per_block": gen["max_calls_per_block"], "unplanned_merges": gen["unplanned_merges"],
+                       "first_block_seconds": gen["first_block_seconds"]},
         "record_blocks_written": counts["record_blocks_written"],
         "rows_generated": gen["rows"],
         "counts": {k: v for k, v in counts.items()

@@ -55,8 +55,15 @@ def _storage(s3_cfg: Optional[dict]):
 # ------------------------------------------------------------------------------------------ seeds
 def expand_blocks(batch: dict[str, np.ndarray], *, num_samples: int, block_size: int,
                   run_seed: int) -> dict[str, np.ndarray]:
-    """Block ids (column `id` of ray.data.range) -> one row per seed index with its request seeds."""
-    seeds = [s for b in batch["id"].tolist() for s in blocks.block_seeds(int(b), num_samples, block_size)]
+    """Seed block ids -> one row per seed index with its request seeds.
+
+    Column `ids`: the seed blocks of each input row (`blocks.task_groups`; one block, or the remainder
+    block with its neighbour). Column `id` (one block per row) is read too."""
+    if "ids" in batch:
+        ids = [int(b) for group in batch["ids"] for b in np.asarray(group).tolist()]
+    else:
+        ids = [int(b) for b in batch["id"].tolist()]
+    seeds = [s for b in ids for s in blocks.block_seeds(b, num_samples, block_size)]
     out = {"seed_index": np.asarray(seeds, dtype=np.int64),
            "block": np.asarray([blocks.block_of(s, block_size) for s in seeds], dtype=np.int64)}
     for stage, column in SEED_COLUMNS.items():
@@ -411,8 +418,14 @@ class BlockWriter:
     """Collects rows by seed block and writes each block as one work object the moment its last row
     arrives; returns one small row per written block (the driver's progress).
 
-    Runs as a single actor so that every row of a block meets in one place. It holds only the rows
-    of blocks still in flight, which Ray Data's backpressure bounds, never the whole dataset.
+    Runs as a single actor so that every row of a block meets in one place. The plan hands it one
+    seed block per call (blocks.task_groups), so between calls it normally holds nothing and a
+    restarted writer loses nothing; a block that arrives in pieces waits in `pending`, which Ray
+    Data's backpressure bounds, never the whole dataset.
+
+    Each output row also says how many seed blocks the completing call held (`call_blocks`) and in
+    how many calls the block arrived (`calls`): the driver reports both, and a plan that merged or
+    split blocks shows there.
     """
 
     def __init__(self, *, work_uri: str, num_samples: int, block_size: int, s3_cfg: Optional[dict],
@@ -423,6 +436,7 @@ class BlockWriter:
         self.constants = constants
         self.rules = RejectRules(**rules)
         self.pending: dict[int, list[dict]] = defaultdict(list)
+        self.pieces: dict[int, int] = defaultdict(int)  # calls that brought rows of a pending block
         self.metrics = SynthMetrics(constants["run"])
 
     def _finish_row(self, row: dict, created_at) -> dict:
@@ -447,9 +461,15 @@ class BlockWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         _require(self, batch, ("seed_index", "block"))
         written = []
-        for row in batch_to_rows(batch):
+        rows = batch_to_rows(batch)
+        here = sorted({int(r["block"]) for r in rows})
+        for block in here:
+            self.pieces[block] += 1
+        for row in rows:
             block = int(row["block"])
             self.pending[block].append(row)
             if len(self.pending[block]) == len(blocks.block_seeds(block, self.num_samples, self.block_size)):
-                written.append(self._write(block, self.pending.pop(block)))
-        return {k: np.asarray([w[k] for w in written], dtype=np.int64) for k in ("block", "rows", "accepted")}
+                written.append({**self._write(block, self.pending.pop(block)), "calls": self.pieces.pop(block),
+                                "call_blocks": len(here)})
+        return {k: np.asarray([w[k] for w in written], dtype=np.int64)
+                for k in ("block", "rows", "accepted", "calls", "call_blocks")}

@@ -29,6 +29,18 @@ def test_missing_blocks():
     assert blocks.missing_blocks([], 3) == [0, 1, 2]
 
 
+def test_task_groups_one_block_per_task_but_a_short_remainder_rides_with_its_neighbour():
+    # N=10, block_size 4: blocks [0..3] [4..7] [8, 9]; the remainder holds 2 rows
+    assert blocks.task_groups([0, 1, 2], 10, 4, min_rows=4) == [[0], [1, 2]]
+    assert blocks.task_groups([0, 1, 2], 10, 4, min_rows=3) == [[0], [1, 2]]
+    assert blocks.task_groups([0, 1, 2], 10, 4, min_rows=2) == [[0], [1], [2]]  # 2 rows fill a call
+    assert blocks.task_groups([0, 2], 10, 4, min_rows=4) == [[0, 2]]  # the neighbour in todo, not block 1
+    assert blocks.task_groups([2], 10, 4, min_rows=4) == [[2]]  # alone in the run: nothing to merge with
+    assert blocks.task_groups([0, 1], 10, 4, min_rows=4) == [[0], [1]]  # remainder already written
+    assert blocks.task_groups([0, 1, 2], 12, 4, min_rows=4) == [[0], [1], [2]]  # no remainder
+    assert blocks.task_groups([], 12, 4, min_rows=4) == []
+
+
 def test_request_seeds_are_deterministic_and_distinct():
     a = [blocks.request_seed(0, i) for i in range(2000)]
     assert a == [blocks.request_seed(0, i) for i in range(2000)]

@@ -79,10 +79,10 @@ def test_existing_output_with_other_config_is_refused_unless_overwrite(tiny_mode
     old_fp, old_parts = synthesis_fingerprint(old_cfg, "sha")
     storage.write_json(paths.manifest, {"fingerprint": old_fp, "fingerprint_parts": old_parts})
     storage.write_bytes(join_uri(paths.work, "part-000000.parquet"), b"x")
-    new_cfg = config_from_dict(synth_config(tiny_model_dir, str(tmp_path), references_file, num_samples=8))
+    new_cfg = config_from_dict(synth_config(tiny_model_dir, str(tmp_path), references_file, block=8))
     new_fp, new_parts = synthesis_fingerprint(new_cfg, "sha")
     assert _claim_output(storage, paths, old_fp, old_parts, overwrite=False)["fingerprint"] == old_fp  # resume
-    with pytest.raises(SynthesisConflict, match=r"synthesize.num_samples: 16 -> 8.*--overwrite"):
+    with pytest.raises(SynthesisConflict, match=r"synthesize.block_size: 4 -> 8.*--overwrite"):
         _claim_output(storage, paths, new_fp, new_parts, overwrite=False)
     assert _claim_output(storage, paths, new_fp, new_parts, overwrite=True) is None
     assert storage.list_files(paths.synth) == []
@@ -126,3 +126,114 @@ def test_missing_references_fail_on_the_driver(tiny_model_dir, tmp_path):
     make_representation(tiny_model_dir, root)
     with pytest.raises((ReferenceError, StorageError, FileNotFoundError), match="missing.jsonl"):
         run_synthesize(config_from_dict(synth_config(tiny_model_dir, root, tmp_path / "missing.jsonl")))
+
+
+def test_num_samples_and_error_tolerance_do_not_force_regeneration(tiny_model_dir, references_file, tmp_path):
+    def fp(**over):
+        return synthesis_fingerprint(config_from_dict(synth_config(tiny_model_dir, str(tmp_path), references_file,
+                                                                   **over)), "sha")[0]
+
+    base = fp(n=16)
+    assert fp(n=40) == base and fp(n=3) == base  # extend / shrink: same samples for the same seed indices
+    assert fp(n=16, max_errored_blocks=0) == base
+    assert fp(n=16, block=8) != base  # another partition of the seeds into objects
+
+
+def _work_object(storage, paths, block, seeds):
+    from domino_ray import schema
+    from domino_ray.synthesize import blocks
+    from domino_ray.synthesize.records import rows_to_table, write_table
+
+    uri = join_uri(paths.work, blocks.block_name(block))
+    write_table(storage, uri, rows_to_table([dict(schema.empty_record("t", s), block=block) for s in seeds],
+                                            schema.SYNTH_WORK_SCHEMA))
+    return uri
+
+
+def test_check_work_blocks_regenerates_bad_objects_and_keeps_good_ones(tmp_path, caplog):
+    from pathlib import Path
+
+    from domino_ray.synthesize.run import check_work_blocks
+
+    storage, paths = Storage(), SynthPaths(str(tmp_path))
+    # a run of N=10 in blocks of 4 is extended to N=18: blocks [0..3] [4..7] [8..11] [12..15] [16, 17]
+    good = Path(_work_object(storage, paths, 0, range(0, 4)))
+    zero = Path(_work_object(storage, paths, 1, range(4, 8)))
+    zero.write_bytes(b"")  # a crash left an empty object
+    old_remainder = Path(_work_object(storage, paths, 2, [8, 9]))  # block 2 of N=10
+    cut = Path(_work_object(storage, paths, 3, range(12, 16)))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # truncated
+    past = Path(_work_object(storage, paths, 7, range(28, 32)))  # from an earlier, larger N
+    (good.parent / "part-000004.parquet.tmp-99").write_bytes(b"half")  # a torn temp file: not a block
+    for b in (0, 1, 2, 6):
+        storage.write_bytes(join_uri(paths.records, f"part-00000{b}.parquet"), b"r")
+    before = (good.stat().st_mtime_ns, good.stat().st_ino)
+
+    with caplog.at_level("WARNING", logger="domino_ray.synthesize.run"):
+        checked = check_work_blocks(storage, paths, num_samples=18, block_size=4)
+    assert checked["todo"] == [1, 2, 3, 4]
+    assert checked["regenerated"] == [1, 2, 3] and checked["beyond"] == 1
+    assert (good.stat().st_mtime_ns, good.stat().st_ino) == before  # untouched
+    assert not zero.exists() and not old_remainder.exists() and not cut.exists()
+    assert past.exists()  # kept for a later extension
+    logged = caplog.text
+    assert str(zero) in logged and "empty (0 bytes)" in logged
+    assert str(old_remainder) in logged and "holds 2 seeds (8..9)" in logged and "is 4 (8..11)" in logged
+    assert str(cut) in logged and "unreadable" in logged
+    # records from the first block to generate on, and past N, go; the final pass rewrites them
+    assert [Path(u).name for u in storage.list_files(paths.records)] == ["part-000000.parquet"]
+
+    # shrinking to N=6: block 1 is now [4, 5], so its full object no longer fits and is regenerated
+    _work_object(storage, paths, 1, range(4, 8))
+    assert check_work_blocks(storage, paths, num_samples=6, block_size=4)["todo"] == [1]
+    assert good.exists() and (good.stat().st_mtime_ns, good.stat().st_ino) == before
+
+
+@pytest.mark.slow
+def test_block_is_the_unit_of_work_failed_truncated_and_extended(ray_cluster, tiny_model_dir, references_file,
+                                                                   tmp_path):
+    """On a real local Ray cluster with the tiny model: every seed block reaches the writer alone and
+    whole; a failed block is tolerated and finished by a re-run; a truncated block is regenerated; a
+    larger num_samples generates only the new blocks (and the remainder that grew)."""
+    import pyarrow.parquet as pq
+
+    from domino_ray.synthesize import SynthesisIncomplete
+    from tests.synthesize.test_e2e import check_records
+
+    root = tmp_path / "run"
+    make_representation(tiny_model_dir, str(root))
+
+    def raw(n):
+        # draft pool at num_cpus 0.1 like the seed map, which Ray Data would otherwise fuse into it (and then
+        # bundle 4 one-row id blocks per task); the filter pool's 8 rows per call exceed a block of 4
+        return synth_config(tiny_model_dir, str(root), references_file, n=n, block=4, name="u",
+                            draft={"pool": {"min_actors": 1, "max_actors": 1, "num_cpus": 0.1, "batch_size": 4},
+                                   "sampling": {"max_tokens": 12, "temperature": 0.9}},
+                            respond={"enabled": False}, judge={"enabled": False}, max_errored_blocks=1)
+
+    work = root / "synth" / "work"
+    obstacle = work / "part-000001.parquet"
+    obstacle.mkdir(parents=True)  # the writer's rename onto a directory fails: block 1's task errors
+    with pytest.raises(SynthesisIncomplete, match=r"1 of 3 blocks failed.*blocks \[1\].*re-run"):
+        run_synthesize(config_from_dict(raw(12)))
+    manifest = json.loads((root / "synth" / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["blocks"]["failed"] == 1
+    assert sorted(p.name for p in work.glob("part-*.parquet") if p.is_file()) == \
+        ["part-000000.parquet", "part-000002.parquet"]
+    assert not list((root / "synth" / "records").glob("*.parquet"))  # no final pass over a partial set
+
+    obstacle.rmdir()
+    kept = work / "part-000000.parquet"
+    before = (kept.stat().st_mtime_ns, kept.stat().st_ino)
+    cut = work / "part-000002.parquet"
+    cut.write_bytes(cut.read_bytes()[:100])
+    # extend to 18: blocks 0..4, block 4 = seeds 16, 17 (a short remainder: planned to travel with block 3)
+    summary = run_synthesize(config_from_dict(raw(18)))
+    assert summary["blocks"] == {"total": 5, "skipped": 1, "generated": 4}
+    flow = summary["block_flow"]
+    assert flow["regenerated"] == [2] and flow["unplanned_merges"] == 0
+    assert flow["max_calls_per_block"] == 1  # no block arrived in pieces
+    assert flow["max_blocks_per_write_call"] == 2  # the planned pair [3, 4]; every other call held one block
+    assert (kept.stat().st_mtime_ns, kept.stat().st_ino) == before  # block 0 not regenerated
+    df = pq.read_table(str(root / "synth" / "records")).to_pandas()
+    check_records(df, "u", 18, summary)  # every seed exactly once, consistent counts
