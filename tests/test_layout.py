@@ -64,3 +64,45 @@ def test_bad_names_are_refused_with_the_choices():
 def test_frozen():
     with pytest.raises(Exception):
         RunLayout("/r").root = "/other"
+
+
+# Names of the run-root layout that only layout.py may join onto a path.
+LAYOUT_NAMES = {"synth", "representation", "learn", "finetune", "eval", "report", "arms", "base", "records", "work",
+                "manifest.json", "representation.json", "domain.safetensors", "summary.json", "results.parquet",
+                "heldout_nll.json", "study.json", ".lock", "metrics.jsonl", "outcome.json"}
+# Respellings that predate layout.py in files whose owners are converting them this session.
+NOT_YET_CONVERTED: set[str] = {"domino_ray/synthesize/run.py"}
+
+
+def _respellings(source: str) -> list[tuple[int, str]]:
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        func = node.func if isinstance(node, ast.Call) else None
+        if func is not None and getattr(func, "id", getattr(func, "attr", None)) == "join_uri":
+            for arg in node.args[1:]:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) \
+                        and arg.value.strip("/").split("/")[0] in LAYOUT_NAMES:
+                    out.append((node.lineno, arg.value))
+    return out
+
+
+def test_the_scan_finds_a_respelled_run_path():
+    assert _respellings('join_uri(root, "synth", "records")\nstorage.join_uri(r, "eval/base")\n') == [
+        (1, "synth"), (1, "records"), (2, "eval/base")]
+    assert _respellings('join_uri(layout.finetune_output("adapter"), "adapter_config.json")') == []
+
+
+def test_no_module_but_layout_respells_a_run_root_path():
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "domino_ray"
+    found = {}
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg.parent).as_posix()
+        if rel == "domino_ray/layout.py" or rel in NOT_YET_CONVERTED:
+            continue
+        if hits := _respellings(path.read_text(encoding="utf-8")):
+            found[rel] = hits
+    assert not found, f"ask domino_ray.layout.RunLayout for these paths instead: {found}"
