@@ -442,6 +442,9 @@ def hold_run_root(run_root: str, storage: Storage, break_lock: bool = False, job
                 yield lock
         finally:
             lock.release()
+        if lock.lost:  # the work finished, but another job may have written the same root meanwhile
+            raise RunRootLocked(f"{run_root}: this job lost the run-root lock while it ran ({lock.lost}); "
+                                f"check that job's output before trusting this run's")
     finally:
         if created:  # a job that failed before writing anything leaves no empty run root behind
             with contextlib.suppress(OSError):

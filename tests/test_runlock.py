@@ -239,3 +239,13 @@ def test_a_job_that_wrote_nothing_leaves_no_run_root_but_one_that_wrote_keeps_it
     with hold_run_root(str(tmp_path / "kept"), storage, job_id="x"):
         storage.write_text(str(tmp_path / "kept" / "manifest.json"), "{}")
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["manifest.json"]
+
+
+def test_a_job_whose_lock_was_broken_while_it_ran_ends_with_an_error(tmp_path):
+    storage, root = Storage(), str(tmp_path / "run")
+    with pytest.raises(RunRootLocked, match="lost the run-root lock.*rescuer"):
+        with hold_run_root(root, storage, job_id="slow") as lock:
+            RunLock(storage, root, job_id="rescuer").acquire(break_lock=True)
+            with pytest.raises(RunRootLocked, match="taken over"):
+                lock.renew()  # what the heartbeat does; it finds the lock taken
+    assert json.loads(Path(root, ".lock").read_text())["job_id"] == "rescuer"  # left to its holder
