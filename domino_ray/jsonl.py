@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-__all__ = ["iter_jsonl_objects"]
+__all__ = ["iter_jsonl_objects", "iter_jsonl_lines"]
 
 
 def iter_jsonl_objects(data: bytes, uri: str, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -13,7 +13,15 @@ def iter_jsonl_objects(data: bytes, uri: str, error: type[Exception]) -> Iterato
 
     A UTF-8 byte-order mark on the first line is accepted (editors on Windows write one).
     """
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    return iter_jsonl_lines(data.split(b"\n"), uri, error)
+
+
+def iter_jsonl_lines(lines: Iterable[bytes], uri: str, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """iter_jsonl_objects over lines as a stream yields them (a trailing newline on each is dropped),
+    so a large file is parsed without being held whole."""
+    for lineno, raw in enumerate(lines, start=1):
+        if raw.endswith(b"\n"):
+            raw = raw[:-1]
         loc = f"{uri}:{lineno}"
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")

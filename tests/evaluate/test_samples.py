@@ -160,3 +160,23 @@ def test_score_samples_on_s3_sums_passes_per_problem(ray_cluster, s3_server, s3_
     assert summary["pass_at_k"]["pass@3"] == pytest.approx((1 + 0.75 + 1) / 3)
     assert summary["problems_solved"] == 3 and summary["num_results"] == 12 and summary["samples"] == samples
     assert summary["status_counts"] == {"passed": 6, "failed": 6}
+
+
+def test_samples_stream_line_by_line_and_a_truncated_gzip_names_the_file(he3, tmp_path):
+    from domino_ray.evaluate.samples import count_samples, iter_samples
+
+    lines = [{"task_id": "HumanEval/0", "completion": "x"}, {"task_id": "HumanEval/2", "solution": "y"}, "{not json"]
+    path = write_lines(tmp_path / "s.jsonl", lines)
+    samples = iter_samples(path, he3)
+    # streamed: the first samples come out before the bad third line is read
+    assert [(s.task_id, s.origin.rsplit(":", 1)[1]) for s in (next(samples), next(samples))] == \
+        [("HumanEval/0", "1"), ("HumanEval/2", "2")]
+    with pytest.raises(SamplesError, match=r"s\.jsonl:3: invalid JSON"):
+        next(samples)
+    good = write_lines(tmp_path / "g.jsonl", lines[:2] * 3)
+    assert count_samples(good, he3) == {"HumanEval/0": 3, "HumanEval/2": 3}
+    gz = tmp_path / "g.jsonl.gz"
+    data = gzip.compress(open(good, "rb").read())
+    gz.write_bytes(data[: len(data) - 12])  # cut inside the stream
+    with pytest.raises(SamplesError, match=r"g\.jsonl\.gz: corrupt gzip file"):
+        read_samples(str(gz), he3)
