@@ -1,15 +1,21 @@
 """Synthesis throughput and driver memory (measured, not asserted).
 
-1. samples/s of the Ray Data plan (draft stage only, one actor) against a bare loop that calls the same
-   engine on the same seeds and batch size in one process. The plan's number is its steady state
-   (after the first written block, so actor start-up is excluded; the manifest's end-to-end figure is
-   printed too). Goal: ratio >= 0.9 once batches are large.
-2. peak RSS of the driver process for N = 1,000 and N = 10,000 (each in a fresh process). Goal: flat
+1. samples/s of the Ray Data plan (draft stage only, one actor) at each batch size, against two bare
+   loops over the same engine, seeds and batch size in this process, without Ray:
+   - bare async engine: the stage on vLLM's async engine fed `max_concurrent_batches` batches at a
+     time (threads, as Ray Data does in the actor): the same engine at the same depth, so the ratio
+     is what the pipeline costs (goal >= 0.95 at batch 64);
+   - bare batch engine: one `vllm.LLM.generate` per batch (the stage before batches in flight,
+     idle at each batch's tail): what the pipeline gains.
+   The plan's number is its steady state (after the first written block, so actor start-up is
+   excluded). Bare loops run before and after the plans (load drifts on a shared machine); their
+   mean is the baseline. With --engine hf both bare loops are the same synchronous engine.
+2. peak RSS of the driver process for N = 1,000 and N = 100,000 (each in a fresh process). Goal: flat
    (within 10 %): the driver sees one small row per written block, never the records.
 
-    python benchmarks/synth_throughput.py                        # both parts, tiny backbone, HF engine
-    python benchmarks/synth_throughput.py --engine vllm --batch 128 --n 4096
-    python benchmarks/synth_throughput.py --skip-throughput --rss-n 1000 10000
+    python benchmarks/synth_throughput.py --engine vllm                 # batch 16, 64, 256; RSS 1k vs 100k
+    python benchmarks/synth_throughput.py --engine vllm --batch 64 --n 2048 --skip-rss
+    python benchmarks/synth_throughput.py --skip-throughput --rss-n 1000 100000
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray runs an actor of num_cpus 0.5 with OMP_NUM_THREADS=1; the bare loops (and the engine core processes
+# they start) get the same, or the comparison measures thread counts instead of the pipeline.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -55,8 +64,9 @@ def save_tiny_representation(model_dir: Path, root: str, num_tokens: int = 8) ->
     save_representation(root, table[ids].clone(), meta)
 
 
-def draft_only_config(model_dir: Path, root: str, n: int, batch: int, block: int, max_tokens: int, engine: str) -> dict:
-    pool = {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5, "batch_size": batch}
+def draft_only_config(model_dir: Path, root: str, n: int, batch: int, block: int, max_tokens: int, engine: str,
+                      in_flight: int = 4) -> dict:
+    pool = {"min_actors": 1, "max_actors": 1, "num_cpus": 0.5, "batch_size": batch, "max_concurrent_batches": in_flight}
     return {
         "run": {"name": "bench", "output": root, "seed": 0},
         "backbone": {"model": str(model_dir), "device": "cpu"},
@@ -69,29 +79,31 @@ def draft_only_config(model_dir: Path, root: str, n: int, batch: int, block: int
     }
 
 
-def bare_loop(cfg, root: str, n: int, batch: int) -> float:
-    """samples/s of the same engine on the same seeds, in this process, start-up excluded."""
-    import numpy as np
-
+def bare_stage(cfg, root: str, asynchronous: bool):
+    """The draft stage's LLMStage in this process (engine start-up happens here, outside the timings)."""
     from domino_ray.engines.stage import LLMStage
-    from domino_ray.synthesize.blocks import request_seed
 
     syn = cfg.synthesize
-    # Ray runs an actor with OMP_NUM_THREADS = its whole CPUs (at least 1); give the loop the same threads,
-    # or the comparison measures thread oversubscription instead of the pipeline.
-    import torch
+    return LLMStage(engine_cfg=syn.draft.engine.model_dump(), backbone_cfg=cfg.section_dict("backbone"),
+                    sampling=syn.draft.sampling.model_dump(), input_column="_prompt", output_column="draft",
+                    representation_uri=root, seed_column="draft_seed", asynchronous=asynchronous)
 
-    torch.set_num_threads(max(1, int(syn.draft.pool.num_cpus)))
-    stage = LLMStage(engine_cfg=syn.draft.engine.model_dump(), backbone_cfg=cfg.section_dict("backbone"),
-                     sampling=syn.draft.sampling.model_dump(), input_column="_prompt", output_column="draft",
-                     representation_uri=root, seed_column="draft_seed")
+
+def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int) -> float:
+    """samples/s of `stage` over seeds 0..n-1 in batches, `in_flight` batches at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from domino_ray.synthesize.blocks import request_seed
+
+    batches = [{"draft_seed": np.asarray([request_seed(run_seed, s, "draft") for s in range(start, min(start + batch, n))],
+                                         dtype=np.int64)} for start in range(0, n, batch)]
     t0 = time.time()
-    for start in range(0, n, batch):
-        seeds = [request_seed(cfg.run.seed, s) for s in range(start, min(start + batch, n))]
-        stage({"draft_seed": np.asarray(seeds, dtype=np.int64)})
-    seconds = time.time() - t0
-    stage.shutdown()
-    return n / seconds
+    with ThreadPoolExecutor(in_flight) as pool:
+        for _ in pool.map(stage, batches):
+            pass
+    return n / (time.time() - t0)
 
 
 def throughput(args) -> None:
@@ -101,22 +113,47 @@ def throughput(args) -> None:
     model = tiny_model(args.model)
     root = tempfile.mkdtemp(prefix="synth-bench-")
     save_tiny_representation(model, root)
-    cfg = config_from_dict(draft_only_config(model, root, args.n, args.batch, args.block or args.batch,
-                                             args.max_tokens, args.engine))
-    # the loop runs before and after the plan: on a shared machine the load drifts between the two
-    before = bare_loop(cfg, root, args.n, args.batch)
-    summary = run_synthesize(cfg)
-    after = bare_loop(cfg, root, args.n, args.batch)
-    bare = (before + after) / 2
-    steady = summary["steady_samples_per_second"]
-    print(f"[throughput] engine={args.engine} N={args.n} batch={args.batch} max_tokens={args.max_tokens}")
-    print(f"  bare loop, one process      : {bare:8.2f} samples/s (before {before:.2f}, after {after:.2f})")
-    print(f"  Ray Data plan, steady state : {steady:8.2f} samples/s   ratio {steady / bare:.3f} (goal >= 0.9)")
-    print(f"  Ray Data plan, end to end   : {summary['samples_per_second']:8.2f} samples/s "
-          f"(incl. actor start-up; {summary['generate_seconds']:.1f} s)")
+
+    def config(batch: int, n: int, out: str):
+        return config_from_dict(draft_only_config(model, out, n, batch, args.block or batch, args.max_tokens,
+                                                  args.engine, args.in_flight))
+
+    sizes = {b: max(args.n, args.rounds * b * args.in_flight) for b in args.batch}  # N per batch size
+    base = config(args.batch[0], sizes[args.batch[0]], root)
+    stages = {"async": bare_stage(base, root, True), "batch": bare_stage(base, root, False)}
+    if not stages["async"].concurrent:
+        stages = {"async": stages["async"]}  # transformers: one synchronous engine, one baseline
+
+    def bare_all() -> dict:
+        return {(kind, b): bare_loop(stage, 0, sizes[b], b, args.in_flight if kind == "async" else 1)
+                for kind, stage in stages.items() for b in args.batch}
+
+    before = bare_all()
+    plans = {}
+    for b in args.batch:
+        out = tempfile.mkdtemp(prefix=f"synth-bench-{b}-")
+        save_tiny_representation(model, out)
+        plans[b] = run_synthesize(config(b, sizes[b], out))
+    after = bare_all()
+    for stage in stages.values():
+        stage.shutdown()
+    print(f"[throughput] engine={args.engine} max_tokens={args.max_tokens} max_concurrent_batches={args.in_flight} "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} load average {os.getloadavg()[0]:.1f}")
+    for b in args.batch:
+        steady, summary = plans[b]["steady_samples_per_second"], plans[b]
+        print(f"  batch {b} (N={sizes[b]}, block {args.block or b}):")
+        print(f"    Ray Data plan, steady state : {steady:8.2f} samples/s (end to end {summary['samples_per_second']:.2f}, "
+              f"incl. actor start-up)")
+        for kind in stages:
+            bare = (before[kind, b] + after[kind, b]) / 2
+            label = "bare async engine" if kind == "async" and "batch" in stages else \
+                "bare batch engine" if kind == "batch" else "bare engine"
+            depth = f"{args.in_flight} batches in flight" if kind == "async" and "batch" in stages else "one batch at a time"
+            print(f"    {label + ',':<18} {depth:<20}: {bare:8.2f} samples/s (before {before[kind, b]:.2f}, "
+                  f"after {after[kind, b]:.2f})   plan/bare {steady / bare:.3f}")
 
 
-def rss_child(n: int, out: str, model: str, engine: str) -> None:
+def rss_child(n: int, out: str, model: str, engine: str, block: int) -> None:
     """One synthesis job in this fresh process; records the driver's peak RSS."""
     from domino_ray.config import config_from_dict
     from domino_ray.synthesize import run_synthesize
@@ -124,7 +161,7 @@ def rss_child(n: int, out: str, model: str, engine: str) -> None:
     model_dir = tiny_model(model)
     root = tempfile.mkdtemp(prefix=f"synth-rss-{n}-")
     save_tiny_representation(model_dir, root)
-    cfg = config_from_dict(draft_only_config(model_dir, root, n, batch=100, block=100, max_tokens=2, engine=engine))
+    cfg = config_from_dict(draft_only_config(model_dir, root, n, batch=100, block=block, max_tokens=2, engine=engine))
     summary = run_synthesize(cfg)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out).write_text(json.dumps({"n": n, "peak_rss_mb": peak_mb, "rows": summary["counts"]["rows"],
@@ -135,14 +172,16 @@ def rss(args) -> None:
     results = []
     for n in args.rss_n:
         out = tempfile.mktemp(suffix=".json")
-        cmd = [sys.executable, __file__, "--rss-child", str(n), out, "--engine", args.engine]
+        cmd = [sys.executable, __file__, "--rss-child", str(n), out, "--engine", args.rss_engine,
+               "--rss-block", str(args.rss_block)]
         if args.model:
             cmd += ["--model", args.model]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private cluster per run
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         results.append(json.loads(Path(out).read_text()))
     base = results[0]["peak_rss_mb"]
-    print("[driver peak RSS] draft-only plan, batch 100, 2 tokens per draft, fresh process per N")
+    print(f"[driver peak RSS] draft-only plan, engine {args.rss_engine}, batch 100, block {args.rss_block}, 2 tokens per "
+          f"draft, fresh process per N")
     for r in results:
         print(f"  N={r['n']:>7,}: {r['peak_rss_mb']:8.1f} MB  (x{r['peak_rss_mb'] / base:.3f} of N={results[0]['n']:,};"
               f" {r['rows']} rows in {r['seconds']:.0f} s)")
@@ -152,17 +191,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model dir (default: the cached tiny backbone)")
     p.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    p.add_argument("--n", type=int, default=1024, help="samples for the throughput part")
-    p.add_argument("--batch", type=int, default=64, help="engine batch size (pool.batch_size)")
+    p.add_argument("--n", type=int, default=512, help="least samples per batch size for the throughput part")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="N per batch size is at least rounds x batch x max_concurrent_batches")
+    p.add_argument("--batch", type=int, nargs="+", default=[16, 64, 256], help="engine batch sizes (pool.batch_size)")
+    p.add_argument("--in-flight", type=int, default=4, help="pool.max_concurrent_batches")
     p.add_argument("--block", type=int, default=0, help="block size (default: the batch size)")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--rss-n", type=int, nargs="*", default=[1000, 10000])
+    p.add_argument("--rss-n", type=int, nargs="*", default=[1000, 100000])
+    p.add_argument("--rss-engine", default="hf", choices=["hf", "vllm"], help="engine of the RSS runs")
+    p.add_argument("--rss-block", type=int, default=100, help="block size of the RSS runs")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--rss-child", nargs=2, metavar=("N", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
-        rss_child(int(args.rss_child[0]), args.rss_child[1], args.model, args.engine)
+        rss_child(int(args.rss_child[0]), args.rss_child[1], args.model, args.rss_engine, args.rss_block)
         return
     if not args.skip_throughput:
         throughput(args)

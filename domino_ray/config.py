@@ -137,6 +137,12 @@ class PoolConfig(_Section):
         return self
 
 
+class LLMPoolConfig(PoolConfig):
+    """A pool of LLM engine actors (draft, respond, judge, evaluation completions)."""
+
+    max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per actor. vLLM's async engine batches the requests of all of them continuously, so it never idles at a batch's tail (batch_size x this should reach the engine's max_num_seqs); the transformers engine and the probability judge serve them one at a time. 1 = one batch per actor at a time.")
+
+
 class SandboxPoolConfig(PoolConfig):
     """A pool whose actors run untrusted code: it also asks for a custom Ray resource that only
     sandbox-capable nodes offer (domino_ray/placement.py)."""
@@ -162,7 +168,7 @@ class DraftSamplingConfig(SamplingConfig):
 class DraftStageConfig(_Section):
     enabled: bool = Field(True, description="Sample drafts from D (the only stage that uses the soft prompt). false = the no-soft-prompt baseline: drafts sampled from the engine given only references.prefix, no representation needed.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine owning the soft prompt (prompt embeds on).")
-    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool for draft engines.")
+    pool: LLMPoolConfig = Field(default_factory=LLMPoolConfig, description="Actor pool for draft engines.")
     sampling: DraftSamplingConfig = Field(default_factory=DraftSamplingConfig, description="Draft sampling; seeds derive from (run.seed, seed index).")
     few_shot: int = Field(0, ge=0, description="With enabled: false, prompt the draft engine with this many random references as examples (few_shot_template; set engine.chat_template: true for an instruct model): the few-shot baseline of the method study. 0 = the bare prompt (references.prefix or BOS).")
     few_shot_template: str = Field(
@@ -184,7 +190,7 @@ class DraftStageConfig(_Section):
 class RespondStageConfig(_Section):
     enabled: bool = Field(True, description="Instruct model writes a solution for each draft.")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(chat_template=True), description="Plain-text engine (may be a different instruct model).")
-    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool.")
+    pool: LLMPoolConfig = Field(default_factory=LLMPoolConfig, description="Actor pool.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.2, max_tokens=384), description="Response sampling.")
     write_tests: bool = Field(False, description="Also ask for assert-style tests, executed by the execute stage.")
     prompt_template: str = Field(
@@ -200,7 +206,7 @@ class RespondStageConfig(_Section):
 class JudgeStageConfig(_Section):
     enabled: bool = Field(True, description="LLM grade of draft + response with a fixed rubric.")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(chat_template=True), description="Judge engine.")
-    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool.")
+    pool: LLMPoolConfig = Field(default_factory=LLMPoolConfig, description="Actor pool.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=64), description="Judge sampling; greedy keeps grades stable.")
     method: Literal["probability", "text"] = Field("probability", description="probability: the grade is the expected grade over the next-token probabilities of the grade tokens 1..scale_max after the rubric and answer_prefix (one forward pass; never unparsable, works on small models). text: the judge writes an answer that is parsed ('Score: N', 'N/10', JSON).")
     answer_prefix: str = Field("Score: ", description="probability method: text the judge's answer is pre-filled with, so that the next token is the grade.")
@@ -326,7 +332,7 @@ class EvaluateConfig(_Section):
     k: list[int] = Field(default_factory=lambda: [1], description="k values of pass@k (each <= num_samples).")
     prompt_style: Literal["completion", "chat"] = Field("completion", description="completion for base models, chat for instruct models.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="Engine for completions (model null = backbone).")
-    pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool of completion engines.")
+    pool: LLMPoolConfig = Field(default_factory=LLMPoolConfig, description="Actor pool of completion engines.")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=256), description="Completion sampling (greedy for pass@1).")
     compare_base: bool = Field(True, description="In `domino run`, evaluate the starting model too and report the delta.")
     heldout_nll: bool = Field(True, description="In `domino run`, also measure the mean token NLL of the held-out references (references.holdout, else report.heldout) under the base and fine-tuned models: continuous and low-noise where pass@k is 0 or 1. Skipped when there is no held-out set.")

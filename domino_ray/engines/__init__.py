@@ -61,7 +61,7 @@ def select_engine_kind(kind: str, device: str = "auto") -> tuple[str, str]:
 
 
 def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_prompt: bool = False,
-                 storage: Optional["Storage"] = None) -> Engine:
+                 storage: Optional["Storage"] = None, asynchronous: bool = False) -> Engine:
     """The engine a stage asked for.
 
     Args:
@@ -71,6 +71,8 @@ def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_pr
         soft_prompt: the engine will serve soft-prefix requests (vLLM enables prompt embeds only then).
         storage: resolves s3:// model and adapter URIs (e.g. a fine-tuned model under an s3 run root)
             to a node-local copy; default: AWS settings from the environment.
+        asynchronous: a vLLM engine is `AsyncVLLMEngine` (build and await it on one event loop); the
+            transformers engine is synchronous either way.
 
     Raises:
         EngineError: an explicitly requested engine cannot run here.
@@ -87,9 +89,9 @@ def build_engine(engine_cfg: "EngineConfig", backbone: "BackboneConfig", soft_pr
     dtype = engine_cfg.dtype if engine_cfg.dtype != "auto" else backbone.dtype
     log.info("engine: %s for %s (%s)", kind, model, reason)
     if kind == "vllm":
-        from domino_ray.engines.vllm import VLLMEngine
+        from domino_ray.engines.vllm import AsyncVLLMEngine, VLLMEngine
 
-        return VLLMEngine(
+        return (AsyncVLLMEngine if asynchronous else VLLMEngine)(
             model, dtype=dtype, max_model_len=engine_cfg.max_model_len, soft_prompt=soft_prompt,
             enable_prefix_caching=engine_cfg.enable_prefix_caching,
             gpu_memory_utilization=engine_cfg.gpu_memory_utilization, cpu_kv_cache_gb=engine_cfg.cpu_kv_cache_gb,

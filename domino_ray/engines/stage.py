@@ -21,19 +21,34 @@ seed); without it, every row shares `sampling["seed"]` (or none). One completion
 A row the engine cannot serve (prompt longer than the context, say) is data: finish reason "error",
 empty text, and a warning naming the row. A broken engine raises.
 
+Batches in flight (DESIGN section 3). With vLLM the stage runs `AsyncVLLMEngine` on an event loop of
+its own (one thread per actor) and `__call__` may be entered by several threads at once: Ray Data
+does that when the pool allows `max_concurrent_batches` > 1 (`with_batches_in_flight`: true
+multi-threading in the actor, as `ray.data.llm` keeps `max_concurrency` batches per actor). Each
+caller prepares its rows (tokenization, `cat([D, embed(ids)])`) in its own thread, off the loop that
+feeds the engine, then awaits all of them; vLLM batches the requests of every batch in flight
+continuously, so the engine never idles at a batch's tail. `__call__` stays a plain synchronous
+callable (tests, the benchmark's bare loop). The draft request `[D ; tokens(prefix)]` is the same for
+every row: its prompt embeddings are built once per actor and shared by all its requests.
+The transformers engine (and `asynchronous=False`, the batch `vllm.LLM`) serves one batch at a time
+under a lock.
+
 Use it directly (tests, single process) or through `apply_llm_stage(ds, pool, **kwargs)`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import numpy as np
 
-from domino_ray.engines.base import EngineError, GenerationRequest, SamplingParams
+from domino_ray.engines.base import EngineError, GenerationRequest, PreparedRequest, SamplingParams
 
-__all__ = ["LLMStage", "apply_llm_stage", "ERROR_FINISH_REASON"]
+__all__ = ["LLMStage", "apply_llm_stage", "with_batches_in_flight", "ERROR_FINISH_REASON"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +69,15 @@ class LLMStage:
         storage_cfg: a `StorageConfig` (or `S3Config`) dump for s3:// URIs.
         seed_column: column of per-row integer seeds.
         prefix: fixed text placed before each input (after D); empty = the representation's prefix.
+        asynchronous: a vLLM engine is vLLM's async engine, several batches in flight (see the module
+            docstring); False = the batch `vllm.LLM`, one batch at a time. No effect on transformers.
+
+    Attributes (observability):
+        concurrent: several batches can be in flight (the async engine).
+        in_flight / max_in_flight: batches inside `__call__` now / at most so far.
+        engine_lock: held while a synchronous engine serves a batch; code that calls `engine`
+            itself (the probability judge) takes it too.
+        prompt_embeds_built: prompt-embeds tensors this stage built (the shared draft request once).
 
     Raises:
         EngineError: bad sampling parameters or an engine that cannot run here.
@@ -62,9 +86,9 @@ class LLMStage:
 
     def __init__(self, engine_cfg: Any, backbone_cfg: Any, sampling: dict, input_column: str, output_column: str,
                  chat: bool = False, representation_uri: Optional[str] = None, storage_cfg: Optional[dict] = None,
-                 seed_column: Optional[str] = None, prefix: str = ""):
+                 seed_column: Optional[str] = None, prefix: str = "", asynchronous: bool = True):
         from domino_ray.config import BackboneConfig, EngineConfig
-        from domino_ray.engines import build_engine
+        from domino_ray.engines import build_engine, select_engine_kind
 
         engine_cfg = _as_model(EngineConfig, engine_cfg)
         backbone_cfg = _as_model(BackboneConfig, backbone_cfg)
@@ -78,8 +102,20 @@ class LLMStage:
         self.allow_other_weights = engine_cfg.allow_other_weights
         self.domain = None
         self.representation_sha256: Optional[str] = None
-        self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=representation_uri is not None,
-                                   storage=_storage(storage_cfg))
+        self.in_flight = self.max_in_flight = self.prompt_embeds_built = 0
+        self.engine_lock = threading.Lock()  # a synchronous engine serves one batch at a time
+        self._counters = threading.RLock()
+        self._domain_inputs: Optional[tuple[PreparedRequest, dict]] = None  # [D ; tokens(prefix)], built once
+        self._loop: Optional[_LoopThread] = None
+        soft_prompt, storage = representation_uri is not None, _storage(storage_cfg)
+        if asynchronous and select_engine_kind(engine_cfg.kind, backbone_cfg.device)[0] == "vllm":
+            # AsyncLLM binds to the loop it is built on: build it there, and await it only there.
+            self._loop = _LoopThread(f"LLMStage({output_column})")
+            self.engine = self._loop.call(lambda: build_engine(engine_cfg, backbone_cfg, soft_prompt=soft_prompt,
+                                                               storage=storage, asynchronous=True))
+        else:
+            self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=soft_prompt, storage=storage)
+        self.concurrent = self._loop is not None
         if representation_uri is not None:
             self._load_domain(representation_uri, storage_cfg)
 
@@ -114,7 +150,12 @@ class LLMStage:
         for i in range(num_rows):
             requests.append(self._request(batch, i))
             samplings.append(self._row_sampling(batch, i))
-        completions = self._generate(requests, samplings)
+        if self.concurrent:
+            with self._tracked():
+                completions = self._generate_concurrently(requests, samplings)
+        else:
+            with self.engine_lock, self._tracked():
+                completions = self._generate(requests, samplings)
         out = self.output_column
         batch[out] = np.array([c[0] for c in completions], dtype=object)
         batch[f"{out}_tokens"] = np.array([c[1] for c in completions], dtype=np.int64)
@@ -123,7 +164,11 @@ class LLMStage:
         return batch
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        if self._loop is None:
+            self.engine.shutdown()
+            return
+        self._loop.call(self.engine.shutdown)
+        self._loop.stop()
 
     # -- helpers -------------------------------------------------------------------------------------
     def _request(self, batch: dict[str, np.ndarray], i: int) -> Optional[GenerationRequest]:
@@ -166,6 +211,73 @@ class LLMStage:
                             self.input_column)
         return rows
 
+    @contextmanager
+    def _tracked(self):
+        with self._counters:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            with self._counters:
+                self.in_flight -= 1
+
+    def _generate_concurrently(self, requests: list, samplings: list) -> list[tuple[str, int, str, int]]:
+        """The async engine: rows prepared here (the caller's thread), generated together on the loop."""
+        inputs = [None if r is None else self._inputs(r, sp, i) for i, (r, sp) in enumerate(zip(requests, samplings))]
+        outputs = self._loop.run(self._agenerate(inputs))
+        rows: list[tuple[str, int, str, int]] = []
+        for i, o in enumerate(outputs):
+            if o is None:
+                if requests[i] is None:
+                    log.warning("LLMStage(%s): row %d has no prompt in column %r", self.output_column, i,
+                                self.input_column)
+                rows.append(("", 0, ERROR_FINISH_REASON, 0))
+                continue
+            c = o.completions[0]
+            rows.append((c.text, c.completion_tokens, c.finish_reason, c.prompt_tokens))
+        return rows
+
+    def _inputs(self, request: GenerationRequest, sampling: SamplingParams,
+                i: int) -> Optional[tuple[PreparedRequest, dict]]:
+        """(prepared request, vLLM prompt) of a row, or None (an error row, with a warning)."""
+        try:
+            if request.soft_prefix is self.domain and request.text == (self.prefix or None):
+                with self._counters:  # every draft row: one tensor per actor, shared by all requests
+                    if self._domain_inputs is None:
+                        (p,) = self.engine.prepare([request], sampling)
+                        self._domain_inputs = (p, self._prompt_of(p))
+                p, prompt = self._domain_inputs
+                return PreparedRequest(p.token_ids, p.soft_prefix, sampling), prompt
+            (p,) = self.engine.prepare([request], sampling)
+            return p, self._prompt_of(p)
+        except EngineError as e:
+            log.warning("LLMStage(%s): row %d cannot be served: %s", self.output_column, i, e)
+            return None
+
+    def _prompt_of(self, p: PreparedRequest) -> dict:
+        if p.soft_prefix is not None:
+            with self._counters:
+                self.prompt_embeds_built += 1
+        return self.engine.prompt_of(p)
+
+    async def _agenerate(self, inputs: list) -> list:
+        """All rows of a batch at once on the engine's loop, in row order; a refused row is None."""
+        from domino_ray.engines.vllm import engine_is_dead
+
+        async def one(i: int, item):
+            if item is None:
+                return None
+            try:
+                return await self.engine.agenerate_prompt(*item)
+            except (EngineError, ValueError) as e:  # the request, not the engine (vLLM validates with ValueError)
+                if engine_is_dead(e):
+                    raise
+                log.warning("LLMStage(%s): row %d cannot be served: %s", self.output_column, i, e)
+                return None
+
+        return await asyncio.gather(*(one(i, item) for i, item in enumerate(inputs)))
+
     def _run(self, requests: list, samplings: list, rows: list[int]) -> list:
         if not rows:
             return []
@@ -181,25 +293,56 @@ class LLMStage:
 
 
 def apply_llm_stage(ds, pool: Any, **stage_kwargs: Any):
-    """`ds.map_batches(LLMStage, ...)` in an autoscaling actor pool sized by a `PoolConfig`.
+    """`ds.map_batches(LLMStage, ...)` in an autoscaling actor pool sized by an `LLMPoolConfig`.
 
     Engines take tens of seconds to start, so the pool keeps `min_actors` warm; `num_cpus` is
     fractional on small CPU clusters so read/write tasks are not starved (DESIGN section 10).
     """
+    from domino_ray.config import LLMPoolConfig
+
+    pool = _as_model(LLMPoolConfig, pool)
+    args = {"batch_size": pool.batch_size, "num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus or None}
+    return ds.map_batches(LLMStage, fn_constructor_kwargs=stage_kwargs, batch_format="numpy",
+                          **with_batches_in_flight(args, pool))
+
+
+def with_batches_in_flight(map_args: dict[str, Any], pool: Any) -> dict[str, Any]:
+    """`map_batches` arguments of an LLM pool with `pool.max_concurrent_batches` calls per actor.
+
+    Ray Data runs one UDF call per actor unless the actor is multi-threaded: K concurrent calls need
+    `max_concurrent_calls_per_actor=K` and `enable_true_multi_threading`. Ray Data then keeps up to
+    4 x K tasks queued per actor (its default factor), so the next batch is already there when one ends.
+    """
     from ray.data import ActorPoolStrategy
 
-    from domino_ray.config import PoolConfig
+    k = int(getattr(pool, "max_concurrent_batches", 1))
+    compute = ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
+                                max_concurrent_calls_per_actor=k, enable_true_multi_threading=k > 1)
+    return {**map_args, "compute": compute}
 
-    pool = _as_model(PoolConfig, pool)
-    return ds.map_batches(
-        LLMStage,
-        fn_constructor_kwargs=stage_kwargs,
-        batch_size=pool.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus or None,
-    )
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread; other threads submit coroutines to it."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"{name} loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro) -> Any:
+        """Run a coroutine on the loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def call(self, fn) -> Any:
+        """Run a plain function on the loop's thread (objects that bind to the running loop)."""
+        async def call():
+            return fn()
+
+        return self.run(call())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
 
 
 def _as_model(cls, value: Any):
@@ -225,7 +368,8 @@ def _num_rows(batch: dict[str, np.ndarray]) -> int:
 
 
 def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    # Ray Data hands an all-null column of a block over as float32 NaN (np.float32 is no Python float)
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
 
 
 def _is_messages(value: Any) -> bool:

@@ -1,4 +1,6 @@
-"""The vLLM engine: the official offline API (`vllm.LLM`), the same code on the CPU build and on GPUs.
+"""The vLLM engines: the offline batch API (`vllm.LLM`) and the async engine (`vllm.AsyncLLM`, which
+the LLM stages and the service keep several batches in flight on), the same code on the CPU build
+and on GPUs.
 
 - Soft-prompt engines (`soft_prompt=True`) are built with `enable_prompt_embeds=True` and get
   requests `{"prompt_embeds": cat([D, embed(ids)])}` of shape (seq, H), built here on CPU in the
@@ -31,7 +33,7 @@ from domino_ray.engines.base import (
     SamplingParams,
 )
 
-__all__ = ["VLLMEngine", "vllm_usable"]
+__all__ = ["VLLMEngine", "AsyncVLLMEngine", "vllm_usable", "engine_is_dead"]
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +93,7 @@ class VLLMEngine(Engine):
                                       trust_remote_code)  # raises EngineError first when vLLM cannot run
         from vllm import LLM
 
-        self.lora_path = lora_path
-        self._lora_request = None
-        if lora_path:
-            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(lora_path), max_loras=1)
-            from vllm.lora.request import LoRARequest
-
-            self._lora_request = LoRARequest("adapter", 1, str(Path(lora_path).expanduser().absolute()))
+        self._set_lora(kwargs, lora_path)
         self._llm = LLM(**kwargs)
         self._load_embedding(trust_remote_code)
         log.info("vllm engine: %s (%s, %s, prompt_embeds=%s, prefix_caching=%s)%s ready in %.1fs", self.model_id,
@@ -140,6 +136,16 @@ class VLLMEngine(Engine):
         else:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
         return kwargs
+
+    def _set_lora(self, kwargs: dict[str, Any], lora_path: Optional[str]) -> None:
+        """One peft LoRA adapter applied to every request (both engines)."""
+        self.lora_path = lora_path
+        self._lora_request = None
+        if lora_path:
+            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(lora_path), max_loras=1)
+            from vllm.lora.request import LoRARequest
+
+            self._lora_request = LoRARequest("adapter", 1, str(Path(lora_path).expanduser().absolute()))
 
     def _load_embedding(self, trust_remote_code: bool) -> None:
         """The model's own input-embedding module (prompt-embeds requests are built with it), checked."""
@@ -221,6 +227,91 @@ class VLLMEngine(Engine):
             completions.append(Completion(text=c.text, token_ids=ids, finish_reason=c.finish_reason,
                                           prompt_tokens=p.prompt_len, completion_tokens=len(ids)))
         return RequestOutput(completions)
+
+
+class AsyncVLLMEngine(VLLMEngine):
+    """A `VLLMEngine` whose model runs in `vllm.AsyncLLM`; use `await agenerate(...)`.
+
+    Request preparation (`Engine.prepare`), the prompt-embeds request (`VLLMEngine._prompt`), the
+    sampling mapping and the outputs are inherited, so a request gives the same tokens here as in the
+    batch engine for the same seed. Each request is its own `AsyncLLM.generate` call and vLLM batches
+    the requests in flight continuously: callers keep several batches in flight and the engine never
+    idles at a batch's tail (the synthesis stages, `engines.stage.LLMStage`; the service).
+
+    Build it, and await it, on one event loop: `AsyncLLM` binds its output handler to the loop it
+    first runs in. `generate` (the blocking batch call) is not available.
+    """
+
+    kind = "vllm"
+
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 2048, soft_prompt: bool = True,
+                 enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.85,
+                 cpu_kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1, lora_path: Optional[str] = None,
+                 seed: int = 0, trust_remote_code: bool = False):
+        t0 = time.time()
+        kwargs = self._describe_model(model, dtype, max_model_len, soft_prompt, enable_prefix_caching,
+                                      gpu_memory_utilization, cpu_kv_cache_gb, tensor_parallel_size, seed,
+                                      trust_remote_code)  # raises EngineError first when vLLM cannot run
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from domino_ray.engines.metrics import vllm_stat_loggers
+
+        self._set_lora(kwargs, lora_path)
+        # engine metrics exported through Ray as ray_vllm_* (engines/metrics.py, docs/cluster.md)
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=vllm_stat_loggers())
+        self._load_embedding(trust_remote_code)
+        log.info("async vllm engine: %s (%s, %s, prompt_embeds=%s)%s ready in %.1fs", self.model_id, self.dtype,
+                 "cpu" if self.on_cpu else "cuda", self.soft_prompt, f" + LoRA {lora_path}" if lora_path else "",
+                 time.time() - t0)
+
+    def generate(self, requests, sampling):  # noqa: D401 - the blocking API does not exist here
+        raise EngineError("AsyncVLLMEngine serves requests with `await agenerate(request, sampling)`")
+
+    async def agenerate(self, request: GenerationRequest, sampling: SamplingParams) -> RequestOutput:
+        """One request (its n completions); EngineError for a request the engine refuses."""
+        (prepared,) = self.prepare([request], sampling)
+        return await self.agenerate_prompt(prepared, self.prompt_of(prepared))
+
+    def prompt_of(self, prepared: PreparedRequest) -> dict[str, Any]:
+        """The vLLM prompt of a prepared request (token ids, or `cat([D, embed(ids)])`). CPU work that
+        callers may do off the event loop, and reuse for requests with the same prompt."""
+        return self._prompt(prepared)
+
+    async def agenerate_prompt(self, prepared: PreparedRequest, prompt: dict[str, Any]) -> RequestOutput:
+        """Generate for a request already prepared (`prepare`) and rendered (`prompt_of`)."""
+        if self._llm is None:
+            raise EngineError("the engine was shut down")
+        import uuid
+
+        final = None
+        async for out in self._llm.generate(prompt, self._sampling(prepared.sampling), request_id=uuid.uuid4().hex,
+                                            lora_request=self._lora_request):
+            final = out
+        if final is None:
+            raise EngineError("vLLM returned no output for the request")
+        return self._output(prepared, final)
+
+    async def check_health(self) -> None:
+        """Raise when the engine core has died (Serve then replaces the replica)."""
+        if self._llm is None:
+            raise EngineError("the engine was shut down")
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.shutdown()
+        except Exception as e:  # shutdown must not raise
+            log.warning("async vllm engine shutdown failed: %s", e)
+        self._embedding = None
+
+
+def engine_is_dead(error: BaseException) -> bool:
+    """True for errors after which the engine cannot serve again (vLLM's EngineDeadError)."""
+    return any(c.__name__ == "EngineDeadError" for c in type(error).__mro__)
 
 
 def _lora_rank(lora_path: str) -> int:

@@ -378,6 +378,7 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
     import ray
     from ray.data import ActorPoolStrategy
 
+    from domino_ray.engines.stage import with_batches_in_flight
     from domino_ray.synthesize import stages
     from domino_ray.synthesize.resources import cpus_for
 
@@ -405,8 +406,9 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
 
     def llm(ds, cls, stage_cfg, **extra):
         kwargs = {**common, "engine_cfg": stage_cfg.engine.model_dump(), "sampling": stage_cfg.sampling.model_dump(), **extra}
+        args = _pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus), syn.block_size)
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_format="numpy",
-                              **_pool_args(stage_cfg.pool, cpus_for(plan, cls.role, stage_cfg.pool.num_cpus), syn.block_size))
+                              **with_batches_in_flight(args, stage_cfg.pool))  # several batches per actor
 
     draft_sampling = {**syn.draft.sampling.model_dump(),
                       "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or DEFAULT_DRAFT_MAX_TOKENS}

@@ -6,7 +6,11 @@ callables: tests feed them dict batches without a cluster.
 
 LLM stages wrap `domino_ray.engines.stage.LLMStage` and send it only the rows that are still
 accepted: a response to an empty draft, or a grade of an empty response, is engine time spent on a
-row that is rejected anyway. Rows skipped that way keep null in the skipped stage's columns.
+row that is rejected anyway. Rows skipped that way keep null in the skipped stage's columns. On
+vLLM they run its async engine with several batches in flight per actor (the plan's pools allow
+`pool.max_concurrent_batches` concurrent calls, `engines.stage.with_batches_in_flight`); their
+`__call__` is thread-safe and stays a plain synchronous callable. The probability judge reads
+next-token log-probabilities from the batch engine (one forward pass per row, no decode tail).
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ class _LLMRole:
 
     def __init__(self, *, engine_cfg: dict, backbone_cfg: dict, sampling: dict, run: str, rules: dict,
                  storage_cfg: Optional[dict] = None, representation_uri: Optional[str] = None, prefix: str = "",
-                 **options: Any):
+                 asynchronous: bool = True, **options: Any):
         from domino_ray.engines.stage import LLMStage
 
         self.rules = RejectRules(**rules)
@@ -99,7 +103,8 @@ class _LLMRole:
         self.llm = LLMStage(engine_cfg=engine_cfg, backbone_cfg=backbone_cfg, sampling=sampling,
                             input_column=_PROMPT, output_column=self.output,
                             chat=bool(engine_cfg.get("chat_template")), representation_uri=representation_uri,
-                            storage_cfg=storage_cfg, seed_column=SEED_COLUMNS[self.role], prefix=prefix)
+                            storage_cfg=storage_cfg, seed_column=SEED_COLUMNS[self.role], prefix=prefix,
+                            asynchronous=asynchronous)
 
     # -- hooks -----------------------------------------------------------------------------------
     def wants(self, row: dict) -> bool:
@@ -240,9 +245,10 @@ class JudgeStage(_LLMRole):
 
     def __init__(self, *, method: str = "text", answer_prefix: str = "Score: ", **kwargs: Any):
         # the plan passes judge.method (default probability); direct callers get the text judge they knew
-        super().__init__(**kwargs)
         if method not in ("probability", "text"):
             raise ValueError(f"judge method {method!r}: use probability or text")
+        # probability: next-token log-probabilities come from the batch engine (vllm.LLM or transformers)
+        super().__init__(**kwargs, asynchronous=method == "text")
         self.method = method
         if method == "probability":
             tok = self.llm.engine.tokenizer
@@ -265,7 +271,8 @@ class JudgeStage(_LLMRole):
         prompts = [engine.encode_request(GenerationRequest(text=self.prompt(r), chat=self.llm.chat)) + self._prefix_ids
                    for r in rows]
         fits = [i for i, p in enumerate(prompts) if len(p) < engine.max_model_len]
-        logprobs = next_token_logprobs(engine, [prompts[i] for i in fits], self._grade_ids)
+        with self.llm.engine_lock:  # several batches may be in this actor at once; the engine takes one
+            logprobs = next_token_logprobs(engine, [prompts[i] for i in fits], self._grade_ids)
         answers = [{"judge_raw": "", "judge_score": None, "judge_raw_tokens": 0, "judge_raw_prompt_tokens": len(p),
                     "judge_error": f"judge prompt of {len(p)} tokens does not fit max_model_len={engine.max_model_len}"}
                    for p in prompts]

@@ -1,4 +1,5 @@
-"""Engine fixtures: a transformers engine on the tiny model, a soft prompt D, and a real LoRA adapter."""
+"""Engine fixtures: a transformers engine on the tiny model, a soft prompt D (and a representation
+holding it), and a real LoRA adapter."""
 
 from __future__ import annotations
 
@@ -26,6 +27,23 @@ def soft_prefix(hf_engine):
     gen = torch.Generator().manual_seed(0)
     rows = table[torch.tensor([300, 301, 302, 303])]
     return (rows + 0.1 * table.std() * torch.randn(rows.shape, generator=gen)).float()
+
+
+@pytest.fixture
+def backbone(tiny_model_dir):
+    return {"model": str(tiny_model_dir), "device": "cpu"}
+
+
+@pytest.fixture
+def representation(tmp_path, hf_engine, soft_prefix):
+    """A real representation written by domino_ray.representation, learned 'on' the tiny backbone."""
+    from domino_ray.backbone import backbone_signature
+    from domino_ray.representation import save_representation
+
+    run = tmp_path / "run"
+    save_representation(str(run), soft_prefix, {"backbone": hf_engine.model_id, "prefix": "def",
+                                                "backbone_signature": backbone_signature(hf_engine.model_config)})
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -12,23 +12,6 @@ HF = {"kind": "hf", "max_model_len": 512}
 SAMPLING = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 16}
 
 
-@pytest.fixture
-def backbone(tiny_model_dir):
-    return {"model": str(tiny_model_dir), "device": "cpu"}
-
-
-@pytest.fixture
-def representation(tmp_path, hf_engine, soft_prefix):
-    """A real representation written by domino_ray.representation, learned 'on' the tiny backbone."""
-    from domino_ray.backbone import backbone_signature
-    from domino_ray.representation import save_representation
-
-    run = tmp_path / "run"
-    save_representation(str(run), soft_prefix, {"backbone": hf_engine.model_id, "prefix": "def",
-                                                "backbone_signature": backbone_signature(hf_engine.model_config)})
-    return run
-
-
 def test_text_rows_with_per_row_seeds(backbone, hf_engine):
     stage = LLMStage(HF, backbone, SAMPLING, input_column="prompt", output_column="answer", seed_column="seed")
     batch = {"prompt": np.array(["def add(a, b):", "class Stack:", "def add(a, b):"], dtype=object),
@@ -120,3 +103,48 @@ def test_inside_a_ray_data_actor_pool(ray_cluster, backbone, hf_engine, soft_pre
                                     SP(temperature=0.8, max_tokens=12, seed=r["seed"]))[0].completions[0]
         assert (r["draft"], r["draft_tokens"], r["draft_finish_reason"]) == (
             direct.text, direct.completion_tokens, direct.finish_reason)
+
+
+def test_pool_args_allow_max_concurrent_batches_calls_per_actor():
+    from domino_ray.config import LLMPoolConfig
+    from domino_ray.engines.stage import with_batches_in_flight
+
+    args = with_batches_in_flight({"batch_size": 8, "num_cpus": 0.5},
+                                  LLMPoolConfig(min_actors=1, max_actors=3, max_concurrent_batches=3))
+    compute = args["compute"]
+    assert (args["batch_size"], args["num_cpus"]) == (8, 0.5)
+    assert (compute.min_size, compute.max_size) == (1, 3)
+    # Ray Data runs one UDF call per actor unless both are set
+    assert (compute.max_concurrent_calls_per_actor, compute.enable_true_multi_threading) == (3, True)
+    one = with_batches_in_flight({}, LLMPoolConfig(max_concurrent_batches=1))["compute"]
+    assert (one.max_concurrent_calls_per_actor, one.enable_true_multi_threading) == (1, False)
+
+
+def test_concurrent_callers_share_a_synchronous_engine_one_batch_at_a_time(backbone, hf_engine):
+    """Ray Data enters `__call__` from several threads (max_concurrent_batches); the transformers engine
+    serves them one after another and every row still gets the text of its own seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stage = LLMStage(HF, backbone, SAMPLING, input_column="prompt", output_column="answer", seed_column="seed")
+    assert not stage.concurrent
+    prompts = ["def add(a, b):", "class Stack:", "import os"]
+    batches = [{"prompt": np.array(prompts, dtype=object), "seed": np.array([10 * b + i for i in range(3)])}
+               for b in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(stage, batches))
+    assert stage.max_in_flight == 1 and stage.in_flight == 0
+    for batch, out in zip(batches, outs):
+        for prompt, seed, text in zip(batch["prompt"], batch["seed"], out["answer"]):
+            assert text == hf_engine.generate([Req(text=prompt)], SP(**SAMPLING, seed=int(seed)))[0].completions[0].text
+    stage.shutdown()
+
+
+def test_a_null_column_as_ray_data_hands_it_over_is_no_input(backbone, hf_engine, soft_prefix, representation):
+    """A block whose input values are all null arrives as float32 NaN: the request is [D ; tokens(prefix)]."""
+    stage = LLMStage(HF, backbone, {"temperature": 0.0, "max_tokens": 4}, input_column="text",
+                     output_column="draft", representation_uri=str(representation))
+    out = stage({"text": np.array([np.nan, np.nan], dtype=np.float32)})
+    expected = hf_engine.generate([Req(soft_prefix=soft_prefix, text="def")], SP(temperature=0.0, max_tokens=4))
+    assert list(out["draft"]) == [expected[0].completions[0].text] * 2
+    assert list(out["draft_prompt_tokens"]) == [expected[0].completions[0].prompt_tokens] * 2
+    stage.shutdown()

@@ -142,3 +142,71 @@ def test_lora_adapter_matches_transformers_and_shutdown_ends_the_engine_core(tin
     assert alive == [], f"engine core still running: {alive}"
     with pytest.raises(EngineError, match="shut down"):
         engine.generate(requests, greedy)
+
+
+class RecordingStage:
+    """`LLMStage` that writes its counters to a file after each batch, so the driver can read what the
+    actor saw (the class is pickled by value: Ray workers do not import the tests package)."""
+
+    def __init__(self, record_to: str, **kwargs):
+        from domino_ray.engines.stage import LLMStage
+
+        self.stage = LLMStage(**kwargs)
+        self.record_to = record_to
+
+    def __call__(self, batch):
+        import json
+        import os
+
+        out = self.stage(batch)
+        counters = {"pid": os.getpid(), "concurrent": self.stage.concurrent,
+                    "max_in_flight": self.stage.max_in_flight, "prompt_embeds_built": self.stage.prompt_embeds_built}
+        with open(self.record_to, "a") as f:
+            f.write(json.dumps(counters) + "\n")
+        return out
+
+
+def test_async_stage_in_a_ray_data_pool_keeps_batches_in_flight(ray_cluster, tmp_path, backbone, vllm_engine,
+                                                                 soft_prefix, representation):
+    """The stage on vLLM's async engine inside a real actor pool: several batches in one actor at once,
+    each row the text the batch engine gives for its seed, the draft prompt embeddings built once per
+    actor, and a row the engine refuses is an error row while the others are served."""
+    import json
+    import sys
+
+    import numpy as np
+    import ray
+    import ray.cloudpickle
+
+    from domino_ray.config import LLMPoolConfig
+    from domino_ray.engines.stage import with_batches_in_flight
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    inputs = {3: "(x):", 9: "(y):", 14: "x = 1\n" * 200}  # two rows with text after the prefix, one too long
+    rows = [{"seed_index": i, "seed": 500 + i, "text": inputs.get(i)} for i in range(16)]
+    pool = LLMPoolConfig(min_actors=1, max_actors=1, num_cpus=0.5, batch_size=2, max_concurrent_batches=4)
+    record = tmp_path / "counters.jsonl"
+    sampling = {"temperature": 0.8, "max_tokens": 24}
+    ds = ray.data.from_items(rows, override_num_blocks=8).map_batches(
+        RecordingStage, batch_format="numpy",
+        fn_constructor_kwargs=dict(record_to=str(record), engine_cfg={"kind": "vllm", "dtype": "float32",
+                                                                      "max_model_len": 512, "cpu_kv_cache_gb": 0.25},
+                                   backbone_cfg=backbone, sampling=sampling, input_column="text",
+                                   output_column="draft", representation_uri=str(representation), seed_column="seed"),
+        **with_batches_in_flight({"batch_size": pool.batch_size, "num_cpus": pool.num_cpus}, pool))
+    got = sorted(ds.take_all(), key=lambda r: r["seed_index"])
+    assert [r["seed_index"] for r in got] == list(range(16))
+    for r in got:
+        if r["seed_index"] == 14:
+            assert (r["draft"], r["draft_finish_reason"], r["draft_tokens"]) == ("", "error", 0)
+            continue
+        expected = vllm_engine.generate([Req(soft_prefix=soft_prefix, text="def" + inputs.get(r["seed_index"], ""))],
+                                        SP(**sampling, seed=r["seed"]))[0].completions[0]
+        assert (r["draft"], r["draft_tokens"], r["draft_finish_reason"], r["draft_prompt_tokens"]) == (
+            expected.text, expected.completion_tokens, expected.finish_reason, expected.prompt_tokens), r["seed_index"]
+    counters = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len({c["pid"] for c in counters}) == 1 and counters[0]["concurrent"]
+    assert max(c["max_in_flight"] for c in counters) >= 2  # several batches inside the one actor at once
+    # [D ; tokens("def")] once for the 13 rows without text, plus one per served row with text (the
+    # too-long row is refused before its embeddings are built)
+    assert max(c["prompt_embeds_built"] for c in counters) == 1 + 2
