@@ -71,7 +71,7 @@ LAYOUT_NAMES = {"synth", "representation", "learn", "finetune", "eval", "report"
                 "manifest.json", "representation.json", "domain.safetensors", "summary.json", "results.parquet",
                 "heldout_nll.json", "study.json", ".lock", "metrics.jsonl", "outcome.json"}
 # Respellings that predate layout.py in files whose owners are converting them this session.
-NOT_YET_CONVERTED: set[str] = {"domino_ray/synthesize/run.py"}
+NOT_YET_CONVERTED: set[str] = set()
 
 
 def _respellings(source: str) -> list[tuple[int, str]]:

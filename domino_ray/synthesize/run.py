@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig
-from domino_ray.layout import RunLayout
+from domino_ray.layout import REPRESENTATION_META, RunLayout
 from domino_ray.manifest import RunManifest, config_fingerprint, package_versions, redact_secrets
 from domino_ray.storage import Storage, join_uri
 from domino_ray.synthesize import blocks
@@ -195,10 +195,11 @@ def _prepare_inputs(cfg: DominoConfig, storage: Storage) -> _Inputs:
     from domino_ray.representation import check_compatible, load_representation
 
     root = cfg.run.output
-    if not (storage.exists(join_uri(root, "representation", "representation.json"))
-            or storage.exists(join_uri(root, "representation.json"))):
+    layout = RunLayout(root)
+    # representation.json directly under the run root: the layout before representation/ existed
+    if not (storage.exists(layout.representation_meta) or storage.exists(join_uri(root, REPRESENTATION_META))):
         raise FileNotFoundError(
-            f"no representation under {join_uri(root, 'representation')}: run `domino learn --config CFG` first "
+            f"no representation under {layout.representation}: run `domino learn --config CFG` first "
             f"(same run.output), or set synthesize.draft.enabled: false for the no-soft-prompt baseline")
     rep = load_representation(root, storage)
     try:
