@@ -171,38 +171,65 @@ def _duplicates(total: int, *, work_uri: str, s3_cfg: Optional[dict], num_sample
 
 
 # ----------------------------------------------------------------------------------- the writer
-def _write_records(batch: dict, *, work_uri: str, records_uri: str, s3_cfg: Optional[dict], num_samples: int,
-                   block_size: int, rules: dict, dedup: bool, duplicates, rewrite: bool) -> dict:
-    """One task per few record blocks: read the work block, set duplicate_of, final verdicts, write."""
-    import ray
+class _RecordWriter:
+    """Record blocks from work blocks: set duplicate_of, recompute the checks that follow dedup when
+    their settings changed since generation (`refilter`), final verdicts, write. Each actor builds
+    its evaluation n-grams and reference index once, and fetches the duplicates once."""
 
-    storage, rules_ = _storage(s3_cfg), RejectRules(**rules)
-    seeds, dup_of = ray.get(duplicates) if duplicates is not None else (np.zeros(0, np.int64),) * 2
-    tally, written, eligible = Tally(), 0, 0
-    for block in batch["id"].tolist():
-        block = int(block)
-        rows = _read_block(storage, work_uri, block, num_samples, block_size)
-        lo, hi = np.searchsorted(seeds, [block * block_size, (block + 1) * block_size])
-        mine = dict(zip(seeds[lo:hi].tolist(), dup_of[lo:hi].tolist()))
-        for row in rows:
-            eligible += int(dedup and _takes_part(row, rules_))
-            row["duplicate_of"] = mine.get(int(row["seed_index"])) if dedup else None
-            row["reject_reason"] = first_failure(row, rules_)
-            row["accepted"] = row["reject_reason"] is None
-            tally.add(row, rules_)
-        dest = join_uri(records_uri, blocks.block_name(block))
-        if rewrite or not storage.exists(dest):
-            write_table(storage, dest, schema.validate_records(rows_to_table(rows, schema.RECORD_SCHEMA)))
-            written += 1
-    return {"tally": np.asarray([json.dumps(tally.state())]), "written": np.asarray([written]),
-            "eligible": np.asarray([eligible]), "rss_mb": np.asarray([_peak_rss_mb()])}
+    def __init__(self, *, work_uri: str, records_uri: str, s3_cfg: Optional[dict], num_samples: int,
+                 block_size: int, rules: dict, dedup: bool, duplicates, rewrite: bool,
+                 refilter: Optional[dict] = None):
+        import ray
+
+        self.work_uri, self.records_uri, self.s3_cfg = work_uri, records_uri, s3_cfg
+        self.num_samples, self.block_size, self.rules = num_samples, block_size, RejectRules(**rules)
+        self.dedup, self.rewrite = dedup, rewrite
+        self.seeds, self.dup_of = ray.get(duplicates) if duplicates is not None else (np.zeros(0, np.int64),) * 2
+        self.recheck = None
+        if refilter:  # contamination and novelty come after `duplicate`: they never change dedup eligibility
+            from domino_ray.synthesize.stages import RowFilterStage
+
+            cfg = {**refilter["filter_cfg"], "syntax": False, "dedup": False}
+            self.recheck = RowFilterStage(filter_cfg=cfg, run="refilter", respond_enabled=True,
+                                          references=refilter.get("references"), s3_cfg=s3_cfg)
+
+    def _refresh(self, row: dict) -> None:
+        fresh = self.recheck.check(dict(row))
+        for col in ("contaminated", "novel", "novelty_overlap"):
+            row[col] = fresh[col]
+
+    def __call__(self, batch: dict) -> dict:
+        storage = _storage(self.s3_cfg)
+        tally, written, eligible = Tally(), 0, 0
+        for block in batch["id"].tolist():
+            block = int(block)
+            rows = _read_block(storage, self.work_uri, block, self.num_samples, self.block_size)
+            lo, hi = np.searchsorted(self.seeds, [block * self.block_size, (block + 1) * self.block_size])
+            mine = dict(zip(self.seeds[lo:hi].tolist(), self.dup_of[lo:hi].tolist()))
+            for row in rows:
+                eligible += int(self.dedup and _takes_part(row, self.rules))
+                row["duplicate_of"] = mine.get(int(row["seed_index"])) if self.dedup else None
+                if self.recheck is not None:
+                    self._refresh(row)
+                row["reject_reason"] = first_failure(row, self.rules)
+                row["accepted"] = row["reject_reason"] is None
+                tally.add(row, self.rules)
+            dest = join_uri(self.records_uri, blocks.block_name(block))
+            if self.rewrite or not storage.exists(dest):
+                write_table(storage, dest, schema.validate_records(rows_to_table(rows, schema.RECORD_SCHEMA)))
+                written += 1
+        return {"tally": np.asarray([json.dumps(tally.state())]), "written": np.asarray([written]),
+                "eligible": np.asarray([eligible]), "rss_mb": np.asarray([_peak_rss_mb()])}
 
 
 def finalize_blocks(*, work_uri: str, records_uri: str, num_samples: int, block_size: int, rules: dict,
-                    dedup: Optional[dict], s3_cfg: Optional[dict] = None, rewrite: bool = False) -> dict[str, Any]:
+                    dedup: Optional[dict], s3_cfg: Optional[dict] = None, rewrite: bool = False,
+                    refilter: Optional[dict] = None) -> dict[str, Any]:
     """Write every missing record block (every block when `rewrite`); returns the manifest counts over
-    all N rows. Needs a Ray cluster (ray.init or a job); call it from a Ray task to keep the
-    resolution's memory off the driver (synthesize/run.py does)."""
+    all N rows. `refilter` ({"filter_cfg": synthesize.filter as a dict, "references": the references
+    section or None}) recomputes contamination and novelty from the stored drafts (their settings
+    changed since the work blocks were generated). Needs a Ray cluster (ray.init or a job); call it
+    from a Ray task to keep the resolution's memory off the driver (synthesize/run.py does)."""
     import ray
 
     t0 = time.time()
@@ -216,11 +243,16 @@ def finalize_blocks(*, work_uri: str, records_uri: str, num_samples: int, block_
         log.info("finalize: %d near/exact matches, %d duplicates in %.1f s", stats["dedup_matches"], len(seeds),
                  time.time() - t0)
     t1 = time.time()
+    from ray.data import ActorPoolStrategy
+
     read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
-    out = read.map_batches(_write_records, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
-                           fn_kwargs={"work_uri": work_uri, "records_uri": records_uri, "s3_cfg": s3_cfg,
-                                      "num_samples": num_samples, "block_size": block_size, "rules": rules,
-                                      "dedup": bool(dedup), "duplicates": duplicates, "rewrite": rewrite})
+    writers = max(1, min(int(ray.cluster_resources().get("CPU", 1)), -(-total // _BLOCKS_PER_TASK)))
+    out = read.map_batches(_RecordWriter, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
+                           compute=ActorPoolStrategy(min_size=1, max_size=writers),
+                           fn_constructor_kwargs={"work_uri": work_uri, "records_uri": records_uri, "s3_cfg": s3_cfg,
+                                                  "num_samples": num_samples, "block_size": block_size,
+                                                  "rules": rules, "dedup": bool(dedup), "duplicates": duplicates,
+                                                  "rewrite": rewrite, "refilter": refilter})
     tally, written, eligible, writer_rss = Tally(), 0, 0, 0.0
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         for state, n, e, rss in zip(batch["tally"].tolist(), batch["written"].tolist(), batch["eligible"].tolist(),

@@ -23,9 +23,12 @@ dedup (MinHash LSH bands grouped by key, candidate pairs verified, resolved in s
 match graph only), final verdicts, counts, synth/records written by one task per few blocks. No task
 holds state that grows with N.
 
-Config fingerprint: the sections that change what a record contains (run name and seed, backbone,
-references, synthesize without actor-pool sizes, sandbox when execute is on, the representation's
-sha256). An existing output made with another fingerprint is refused unless `overwrite`.
+Config fingerprint: the sections that change generated content (run name and seed, backbone,
+references, synthesize without actor-pool sizes and without the verdict-only settings, sandbox when
+execute is on, the representation's sha256). An existing output made with another fingerprint is
+refused unless `overwrite`. The verdict-only settings (`verdict_parts`: filter thresholds and sets,
+the judge threshold while execute is off) re-finalize instead: synth/records is rewritten from
+synth/work, nothing is generated.
 """
 
 from __future__ import annotations
@@ -94,20 +97,43 @@ def _without_pools(section: Any) -> Any:
     return section
 
 
+# Settings that only change verdicts, read by the final pass from what synth/work already holds
+# (section, key). Changing only these re-finalizes (synth/records rewritten, synth/work untouched).
+# The judge threshold is one only while execute is off: execution runs on the rows that pass the judge,
+# so a lower threshold would let rows through whose tests never ran.
+_VERDICT_ONLY = (("filter", "dedup_threshold"), ("filter", "decontaminate"), ("filter", "decontam_ngram"),
+                 ("filter", "novelty"), ("filter", "novelty_ngram"), ("filter", "novelty_max_overlap"))
+_VERDICT_ONLY_WITHOUT_EXECUTE = (("judge", "threshold"),)
+
+
+def _verdict_keys(cfg: DominoConfig) -> tuple[tuple[str, str], ...]:
+    return _VERDICT_ONLY + (() if cfg.synthesize.execute.enabled else _VERDICT_ONLY_WITHOUT_EXECUTE)
+
+
 def fingerprint_parts(cfg: DominoConfig, representation_sha256: Optional[str]) -> dict[str, Any]:
+    """(a) What changes generated content: a difference means synth/work must be generated again."""
+    synth = {k: v for k, v in _without_pools(cfg.section_dict("synthesize")).items() if k not in _NOT_REGENERATING}
+    for section, key in _verdict_keys(cfg):
+        synth[section] = {k: v for k, v in synth[section].items() if k != key}
     parts = {
         "run": {"name": cfg.run.name, "seed": cfg.run.seed},
         "backbone": {k: cfg.section_dict("backbone")[k] for k in ("model", "dtype", "trust_remote_code")},
         "references": cfg.section_dict("references"),
         # num_samples is not here: a larger N extends the run (only the new blocks are generated; each
         # sample depends on its own seed index only), a smaller one drops records (E2, docs/synthesis.md)
-        "synthesize": {k: v for k, v in _without_pools(cfg.section_dict("synthesize")).items()
-                       if k not in _NOT_REGENERATING},
+        "synthesize": synth,
         "representation_sha256": representation_sha256,
     }
     if cfg.synthesize.execute.enabled:
         parts["sandbox"] = _without_pools(cfg.section_dict("sandbox"))
     return parts
+
+
+def verdict_parts(cfg: DominoConfig) -> dict[str, Any]:
+    """(b) What only changes verdicts (filter thresholds and sets, the judge threshold without
+    execute): a difference re-finalizes from synth/work without generating anything."""
+    synth = cfg.section_dict("synthesize")
+    return {f"{section}.{key}": synth[section][key] for section, key in _verdict_keys(cfg)}
 
 
 def synthesis_fingerprint(cfg: DominoConfig, representation_sha256: Optional[str]) -> tuple[str, dict[str, Any]]:
@@ -531,17 +557,54 @@ def _finalize_remote(kwargs: dict) -> dict:
     return finalize_blocks(**kwargs)
 
 
-def _finalize(cfg: DominoConfig, paths: SynthPaths, rewrite: bool = False) -> dict[str, Any]:
+# the verdict-only settings that the final pass cannot apply from stored columns alone: contamination
+# and novelty are recomputed from the stored drafts when they differ from the work blocks' settings
+_RECHECKED = ("filter.decontaminate", "filter.decontam_ngram", "filter.novelty", "filter.novelty_ngram",
+              "filter.novelty_max_overlap")
+
+
+def verdict_state(cfg: DominoConfig, old: Optional[dict]) -> dict[str, Any]:
+    """The manifest's record of verdict settings: `verdict_parts` (this config), `work_verdict_parts`
+    (those synth/work's per-row columns were computed with, kept from the first generation on) and
+    `records_verdict_parts` (those of the records on disk; set only when a final pass completes, so a
+    re-filter killed half-way is redone whole)."""
+    now = verdict_parts(cfg)
+    old = old or {}
+    records = old.get("records_verdict_parts")
+    # records of other settings are about to be rewritten: until that pass completes they are unknown
+    return {"verdict_parts": now, "work_verdict_parts": old.get("work_verdict_parts") or now,
+            "records_verdict_parts": records if records == now else None}
+
+
+def _finalize(cfg: DominoConfig, paths: SynthPaths, old: Optional[dict] = None) -> dict[str, Any]:
     """The final pass (finalize.py), driven from a small Ray task so that the match graph it
-    resolves stays off the driver; the heavy steps are Ray Data operations it starts."""
+    resolves stays off the driver; the heavy steps are Ray Data operations it starts.
+
+    Re-filter: every record block is rewritten when the records on disk were made with other verdict
+    settings (or their pass never completed); contamination and novelty are recomputed from the stored
+    drafts when their settings differ from those synth/work was generated with. synth/work is only read.
+    """
     import ray
 
     syn = cfg.synthesize
+    state = verdict_state(cfg, old)
+    now = state["verdict_parts"]
+    rewrite = state["records_verdict_parts"] != now
+    changed = [k for k in _RECHECKED if state["work_verdict_parts"].get(k) != now[k]]
+    refilter = None
+    if changed and syn.filter.enabled:
+        log.info("synthesize: re-filtering: %s changed since synth/work was generated; recomputing contamination "
+                 "and novelty from the stored drafts", ", ".join(changed))
+        refilter = {"filter_cfg": syn.filter.model_dump(),
+                    "references": cfg.section_dict("references") if syn.filter.novelty else None}
+    elif rewrite and (old or {}).get("records_verdict_parts") is not None:
+        log.info("synthesize: re-filtering: verdict settings changed (%s); rewriting synth/records from synth/work",
+                 "; ".join(_differences(old["records_verdict_parts"], now)))
     dedup = ({"threshold": syn.filter.dedup_threshold, "num_perm": syn.filter.num_perm}
              if syn.filter.enabled and syn.filter.dedup else None)
     kwargs = {"work_uri": paths.work, "records_uri": paths.records, "num_samples": syn.num_samples,
               "block_size": syn.block_size, "rules": vars(RejectRules.from_config(syn)), "dedup": dedup,
-              "s3_cfg": cfg.storage.s3.model_dump(), "rewrite": rewrite}
+              "s3_cfg": cfg.storage.s3.model_dump(), "rewrite": rewrite, "refilter": refilter}
     task = ray.remote(num_cpus=0.25, max_retries=1)(_finalize_remote)
     return ray.get(task.remote(kwargs))
 
@@ -569,7 +632,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
             "versions": package_versions(), "num_samples": syn.num_samples, "block_size": syn.block_size,
             "backbone": inputs.backbone, "representation_sha256": inputs.representation_sha256,
             "draft_max_tokens": inputs.draft_max_tokens,
-            "attempts": attempts, "records": paths.records}
+            "attempts": attempts, "records": paths.records, **verdict_state(cfg, old)}
     storage.write_json(paths.manifest, {**head, "status": "running"})
     run_manifest = RunManifest(storage, cfg.run.output)
     run_manifest.update_stage("synthesize", "running", fingerprint, config=cfg.to_dict())
@@ -594,7 +657,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. The other {gen['blocks']} are written; re-run the "
                 f"same command to generate only the missing ones. No records were written (the final pass needs "
                 f"every block)")
-        counts = _finalize(cfg, paths)
+        counts = _finalize(cfg, paths, old)
         if counts["rows"] != syn.num_samples:
             raise RuntimeError(f"synthesize: {counts['rows']} records for {syn.num_samples} seeds; the work files are "
                                f"inconsistent, re-run with --overwrite")
@@ -609,6 +672,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     summary = {
         **head,
         "status": "completed",
+        "records_verdict_parts": verdict_parts(cfg),  # the records on disk now follow these settings
         "blocks": {"total": total, "skipped": total - len(todo), "generated": gen["blocks"]},
         # the unit of work, as the writer saw it: 1 and 1 when every seed block travelled alone and whole
         "block_flow": {"regenerated": checked["regenerated"], "max_blocks_per_write_call": gen["max_blocks_per_write_call"],
