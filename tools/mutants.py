@@ -88,10 +88,23 @@ TARGETS: dict[str, Target] = {
                                             "Engine.embed_prompt", "PreparedRequest.prompt_len"),
                               forkserver=True),
     "references": Target("domino_ray/references.py", ("tests/test_references.py",), forkserver=True),
-    "finetune_masking": Target("domino_ray/finetune.py", ("tests/test_finetune.py", "-m", "not slow and not gpu"),
-                               functions=_fn("format_example", "_render", "pack_examples", "collate"),
+    # The in-process tests only: the Ray Train / Ray Data ones run the code in other processes.
+    "finetune_masking": Target("domino_ray/finetune.py",
+                               tuple(f"tests/test_finetune.py::{t}" for t in (
+                                   "test_chat_format_masks_every_prompt_token",
+                                   "test_plain_format_ends_with_eos_and_truncates_response_only",
+                                   "test_packing_keeps_targets_and_respects_max_length",
+                                   "test_tokenize_records_masks_like_format_example_and_drops_unaccepted_rows",
+                                   "test_build_sequences_counts")) + ("tests/test_finetune_mutants.py",),
+                               functions=_fn("format_example", "_render", "pack_examples", "collate", "collate_arrays"),
                                forkserver=True),
-    "sandbox_status": Target("domino_ray/sandbox/runner.py", ("tests/sandbox/test_runner.py", "-m", "not slow"),
+    # The pure tests only: the real-program tests of test_runner.py take seconds each per mutant.
+    "sandbox_status": Target("domino_ray/sandbox/runner.py",
+                             tuple(f"tests/sandbox/test_runner.py::{t}" for t in (
+                                 "test_classify_exit_on_hand_made_outcomes",
+                                 "test_exit_status_is_exact_with_the_wait_status",
+                                 "test_last_exception_line_survives_interleaved_tracebacks"))
+                             + ("tests/sandbox/test_status_mutants.py",),
                              functions=_fn("classify_exit", "_limit_from_exception", "last_exception_line",
                                            "_exit_status", "_signal_name")),
 }
@@ -185,11 +198,21 @@ def _changed_lines(diff: str) -> tuple[str, str]:
     return minus, plus
 
 
+def _line_before(diff: str) -> str:
+    """The unchanged line just above the first changed one (tells apart two identical edits in one function)."""
+    lines = [line for line in diff.splitlines() if not line.startswith(("---", "+++", "@@"))]
+    for i, line in enumerate(lines):
+        if line.startswith(("-", "+")):
+            return lines[i - 1][1:].strip() if i else ""
+    return ""
+
+
 def _explained(module: str, name: str, diff: str, equivalents: list[dict]) -> dict | None:
     minus, plus = _changed_lines(diff)
     func = name.rsplit(".", 1)[-1].split("__mutmut_")[0]
     for e in equivalents:
-        if e["module"] == module and e["function"] == func and e["original"] == minus and e["mutant"] == plus:
+        if e["module"] == module and e["function"] == func and e["original"] == minus and e["mutant"] == plus \
+                and e.get("after", _line_before(diff)) == _line_before(diff):
             return e
     return None
 
