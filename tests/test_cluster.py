@@ -494,3 +494,89 @@ def test_the_7b_pipelines_build_no_report_in_the_head_driver_and_the_docs_run_it
         assert load_config(REPO / "examples" / name).report.enabled is False
     jobs = re.findall(r"ray job submit [^\n]*--entrypoint-num-gpus 1[^\n]*(?:\\\n[^\n]*)?domino_ray report --run (\S+) --config (\S+)", DOCS)
     assert len(jobs) == 2 and all((REPO / cfg).is_file() for _, cfg in jobs)
+
+
+# ---------------------------------------------------------------- metrics: Prometheus and Grafana
+MONITORING = CLUSTER / "monitoring"
+
+
+def helm_release() -> tuple[str, str]:
+    """(release, namespace) of the kube-prometheus-stack install line in docs/cluster.md."""
+    m = re.search(r"helm install (\S+) prometheus-community/kube-prometheus-stack -n (\S+)", DOCS)
+    assert m, "docs/cluster.md must show the kube-prometheus-stack install line"
+    return m.group(1), m.group(2)
+
+
+def container_ports(group: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in group["template"]["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def test_every_ray_pod_exports_metrics_on_the_port_its_podmonitor_scrapes():
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT
+
+    monitors = {d["metadata"]["name"]: d for d in kind("PodMonitor")}
+    release, _ = helm_release()
+    by_type = {"head": ["head"], "worker": [g for g in groups() if g != "head"]}
+    for name, mon in monitors.items():
+        assert mon["metadata"]["labels"]["release"] == release, f"{name}: kube-prometheus-stack selects release={release}"
+        assert mon["spec"]["namespaceSelector"]["matchNames"] == [raycluster()["metadata"]["namespace"]]
+        node_type = mon["spec"]["selector"]["matchLabels"]["ray.io/node-type"]
+        for group in by_type.pop(node_type):
+            ports = container_ports(groups()[group])
+            for ep in mon["spec"]["podMetricsEndpoints"]:
+                assert ep["port"] in ports, f"{name} scrapes port {ep['port']!r}, which group {group} does not declare"
+                assert ep["relabelings"][0]["targetLabel"] == "ray_io_cluster"  # Ray's dashboards filter on it
+            # the port Ray exports on is the one the pod declares (KubeRay passes rayStartParams to ray start)
+            assert int(groups()[group]["rayStartParams"]["metrics-export-port"]) == ports["metrics"]
+    assert by_type == {}, f"no PodMonitor for {by_type}"
+    head = container_ports(groups()["head"])
+    assert (head["as-metrics"], head["dash-metrics"]) == (AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT)
+
+
+def test_the_head_dashboard_finds_the_helm_releases_prometheus_and_grafana():
+    from ray.dashboard.modules.metrics import metrics_head
+
+    release, namespace = helm_release()
+    env = {e["name"]: e.get("value") for e in ray_container(groups()["head"])["env"]}
+    assert env[metrics_head.PROMETHEUS_HOST_ENV_VAR] == f"http://{release}-kube-prometheus-prometheus.{namespace}.svc:9090"
+    assert env[metrics_head.GRAFANA_HOST_ENV_VAR] == f"http://{release}-grafana.{namespace}.svc:80"
+    assert env[metrics_head.PROMETHEUS_NAME_ENV_VAR] == "Prometheus"  # the chart's default datasource name
+    forward = re.search(rf"kubectl -n {namespace} port-forward svc/{release}-grafana (\d+):80", DOCS)
+    assert forward and env[metrics_head.GRAFANA_IFRAME_HOST_ENV_VAR] == f"http://127.0.0.1:{forward.group(1)}"
+    values = yaml.safe_load((MONITORING / "kube-prometheus-stack-values.yaml").read_text())
+    assert values["prometheus"]["prometheusSpec"]["podMonitorSelectorNilUsesHelmValues"] is False
+    assert values["grafana"]["grafana.ini"]["security"]["allow_embedding"] is True  # the dashboard's iframes
+    sidecar = values["grafana"]["sidecar"]["dashboards"]
+    (dash,) = [d for d in kind("ConfigMap") if d["metadata"]["name"] == "domino-grafana-dashboard"]
+    assert dash["metadata"]["labels"].get(sidecar["label"]) and sidecar["searchNamespace"] == "ALL"
+    assert "kubectl apply -f cluster/monitoring/monitoring.yaml" in DOCS
+    assert "-f cluster/monitoring/kube-prometheus-stack-values.yaml" in DOCS
+
+
+def exported_domino_metrics() -> set[str]:
+    """Prometheus names of the metrics domino's code registers (Counter -> _total), read off its source."""
+    names = set()
+    for module in ("synthesize/metrics.py", "evaluate/metrics.py"):
+        src = (REPO / "domino_ray" / module).read_text()
+        for cls, name in re.findall(r"(Counter|Gauge)\(\"(\w+)\"", src):  # Counter, RayCounter, Gauge
+            names.add(f"ray_{name}" + ("_total" if cls == "Counter" else ""))
+    return names
+
+
+def test_the_grafana_dashboard_and_the_docs_name_only_metrics_that_are_exported():
+    import vllm.v1.metrics.loggers as vllm_loggers
+
+    exported = exported_domino_metrics()
+    assert {"ray_domino_synth_samples_total", "ray_domino_eval_completions_total", "ray_domino_eval_pass_at_k"} <= exported
+    vllm_names = set(re.findall(r'name="vllm:(\w+)"', Path(vllm_loggers.__file__).read_text()))
+    (dash,) = [d for d in kind("ConfigMap") if d["metadata"]["name"] == "domino-grafana-dashboard"]
+    board = json.loads(dash["data"]["domino-ray.json"])
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bray_(?:domino|vllm)_\w+", e)}
+    assert {m for m in used if m.startswith("ray_domino_")} == exported  # every domino metric has a panel
+    for m in used - exported:
+        base = m.removeprefix("ray_vllm_")
+        assert base in vllm_names or base.removesuffix("_total") in vllm_names, f"{m}: vLLM 0.32 has no such metric"
+    for m in exported:  # the docs' table lists each one
+        assert f"`{m}`" in DOCS or m in DOCS, f"docs/cluster.md does not name {m}"
