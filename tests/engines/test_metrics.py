@@ -21,7 +21,7 @@ def test_the_stat_loggers_are_rays_prometheus_logger_inside_ray(ray_cluster):
 @pytest.mark.timeout(600)
 def test_async_vllm_engine_metrics_reach_the_ray_metrics_endpoint(ray_cluster, tiny_model_dir):
     from domino_ray.engines.base import GenerationRequest, SamplingParams
-    from domino_ray.serve.engine import AsyncVLLMEngine  # (engines.vllm once E4 moves it there)
+    from domino_ray.engines.vllm import AsyncVLLMEngine
     from tests.evaluate.test_metrics import metric_samples
 
     async def generate() -> int:
