@@ -175,7 +175,6 @@ class DraftStageConfig(_Section):
         "Here are examples of problems from one domain:\n\n{examples}\n\nWrite one new problem of the same kind. "
         "Answer with the problem only.",
         description="Few-shot prompt; {examples} is replaced by the k examples, each opened by a line `### Example N`.")
-    end_at: Literal["none", "docstring"] = Field("none", description="Where a draft ends besides EOS/stop strings. docstring (code domains whose samples are a signature + docstring, like HumanEval): cut each draft after its first function's docstring, finish reason `cut` (a small model often goes on writing a body until max_tokens; the statement before it is complete). none = as generated.")
     reject_truncated: bool = Field(True, description="Reject drafts cut off at sampling.max_tokens (reason draft_truncated): an unfinished problem statement makes a bad training pair. Turn off for tiny test models that never stop.")
 
     @model_validator(mode="after")

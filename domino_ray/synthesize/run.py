@@ -158,7 +158,9 @@ class _Inputs:
     backbone: str
     prefix: str
     baseline_prompt: str
-    baseline_prompts: tuple[str, ...] = ()  # one per seed index (few-shot baseline); empty = baseline_prompt
+    # few-shot baseline: {"references", "k", "template", "run_seed"}; the draft actors build each seed's
+    # prompt from it (fewshot.py), so nothing here grows with N; None = baseline_prompt for every seed
+    few_shot: Optional[dict] = None
     draft_max_tokens: Optional[int] = None  # resolved synthesize.draft.sampling.max_tokens
 
 
@@ -207,15 +209,16 @@ def _prepare_inputs(cfg: DominoConfig, storage: Storage) -> _Inputs:
         tok = load_tokenizer(model, cfg.backbone.trust_remote_code)
         # the baseline needs at least one prompt token: the prefix, else the BOS (or EOS) token
         baseline = cfg.references.prefix or tok.bos_token or tok.eos_token
-        prompts: tuple[str, ...] = ()
+        few_shot = None
         if cfg.synthesize.draft.few_shot:
             from domino_ray.references import read_reference_split
-            from domino_ray.synthesize.fewshot import few_shot_prompts
+            from domino_ray.synthesize.fewshot import few_shot_examples
 
             train, _ = read_reference_split(cfg.references, storage)  # never the held-out samples
-            prompts = tuple(few_shot_prompts(train, cfg.synthesize.draft.few_shot, cfg.synthesize.draft.few_shot_template,
-                                             cfg.run.seed, cfg.synthesize.num_samples))
-        return _Inputs(None, None, model, "", baseline, prompts)  # the prefix is already the whole prompt
+            few_shot_examples(train, cfg.synthesize.draft.few_shot, cfg.run.seed, 0)  # no references: fail here
+            few_shot = {"references": list(train), "k": cfg.synthesize.draft.few_shot,
+                        "template": cfg.synthesize.draft.few_shot_template, "run_seed": cfg.run.seed}
+        return _Inputs(None, None, model, "", baseline, few_shot)  # the prefix is already the whole prompt
     from transformers import AutoConfig
 
     from domino_ray.representation import check_compatible, load_representation
@@ -441,7 +444,7 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
                       "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or DEFAULT_DRAFT_MAX_TOKENS}
     ds = llm(ds, stages.DraftStage, syn.draft, sampling=draft_sampling, soft_prompt=syn.draft.enabled,
              representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt,
-             baseline_prompts=list(inputs.baseline_prompts))
+             few_shot=inputs.few_shot)
     if syn.respond.enabled:
         ds = llm(ds, stages.RespondStage, syn.respond, template=syn.respond.prompt_template)
         if syn.respond.write_tests:

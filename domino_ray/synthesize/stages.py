@@ -25,6 +25,7 @@ from domino_ray import schema
 from domino_ray.synthesize import blocks, filters
 from domino_ray.synthesize.judge import (expected_grade, fill_template, grade_token_ids, judge_verdict,
                                         parse_judge_score, rubric_grades)
+from domino_ray.synthesize.fewshot import few_shot_examples, few_shot_prompt
 from domino_ray.synthesize.metrics import SynthMetrics
 from domino_ray.synthesize.records import batch_to_rows, rows_to_batch, rows_to_table, utc_now, write_table
 from domino_ray.synthesize.verdicts import RejectRules, first_failure
@@ -165,17 +166,23 @@ class DraftStage(_LLMRole):
     role, output = "draft", "draft"
     columns = ("draft", "draft_tokens", "draft_finish_reason", "prompt_tokens")
 
-    def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", baseline_prompts: Optional[list] = None,
+    def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", few_shot: Optional[dict] = None,
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.soft_prompt = soft_prompt
         self.baseline_prompt = baseline_prompt
-        self.baseline_prompts = list(baseline_prompts or [])  # per seed index: the few-shot baseline
+        # the few-shot baseline ({"references", "k", "template", "run_seed"}): each seed's prompt is built
+        # here from its seed index (fewshot.py), not shipped as a list that grows with N
+        self.few_shot = few_shot
 
     def prompt(self, row: dict) -> Optional[str]:
         if self.soft_prompt:
             return None
-        return self.baseline_prompts[int(row["seed_index"])] if self.baseline_prompts else self.baseline_prompt
+        if self.few_shot:
+            f = self.few_shot
+            return few_shot_prompt(f["template"], few_shot_examples(f["references"], f["k"], f["run_seed"],
+                                                                    int(row["seed_index"])))
+        return self.baseline_prompt
 
     def take(self, row: dict, answer: dict) -> None:
         row["draft"] = answer.get("draft")

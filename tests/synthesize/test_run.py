@@ -237,3 +237,31 @@ def test_block_is_the_unit_of_work_failed_truncated_and_extended(ray_cluster, ti
     assert (kept.stat().st_mtime_ns, kept.stat().st_ino) == before  # block 0 not regenerated
     df = pq.read_table(str(root / "synth" / "records")).to_pandas()
     check_records(df, "u", 18, summary)  # every seed exactly once, consistent counts
+
+
+def test_few_shot_prompts_are_built_per_seed_by_the_draft_actor(tiny_model_dir, references_file, tmp_path):
+    """The few-shot baseline ships its references to the actors once, not one prompt per seed (that list
+    grew with N in the driver and in every draft actor); each seed's prompt is the same as before."""
+    from domino_ray.references import read_reference_split
+    from domino_ray.synthesize.fewshot import few_shot_prompts
+    from domino_ray.synthesize.run import _prepare_inputs
+    from domino_ray.synthesize.stages import DraftStage
+    from domino_ray.synthesize.verdicts import RejectRules
+
+    def inputs(n):
+        raw = synth_config(tiny_model_dir, str(tmp_path), references_file, n=n,
+                           draft={"enabled": False, "few_shot": 2})
+        return config_from_dict(raw), _prepare_inputs(config_from_dict(raw), Storage())
+
+    cfg, small = inputs(10)
+    _, large = inputs(100_000)
+    assert large.few_shot == small.few_shot  # nothing in it depends on N
+    syn = cfg.synthesize
+    stage = DraftStage(engine_cfg=syn.draft.engine.model_dump(), backbone_cfg=cfg.section_dict("backbone"),
+                       sampling=syn.draft.sampling.model_dump(), run="t", rules=vars(RejectRules.from_config(syn)),
+                       soft_prompt=False, few_shot=large.few_shot)
+    train, _ = read_reference_split(cfg.references, Storage())
+    reference = few_shot_prompts(train, 2, syn.draft.few_shot_template, cfg.run.seed, 40)  # the former list
+    for seed in (0, 1, 39):
+        assert stage.prompt({"seed_index": seed}) == reference[seed]
+    assert stage.prompt({"seed_index": 0}) != stage.prompt({"seed_index": 1})
