@@ -82,10 +82,16 @@ TARGETS: dict[str, Target] = {
                       ("tests/synthesize/test_filters.py", "tests/synthesize/test_finalize.py",
                        "tests/synthesize/test_row_filter.py")),
     "judge": Target("domino_ray/synthesize/judge.py", ("tests/synthesize/test_judge.py", "tests/synthesize/test_judge_mutants.py")),
-    "engine_requests": Target("domino_ray/engines/base.py", ("tests/engines/test_base.py", "tests/engines/test_requests_mutants.py"),
+    # Request building without generation; test_base.py's engine builds (a vLLM start-up each) are left out.
+    "engine_requests": Target("domino_ray/engines/base.py",
+                              tuple(f"tests/engines/test_base.py::{t}" for t in (
+                                  "test_bad_sampling_parameters", "test_sampling_from_config_dump",
+                                  "test_derived_seeds_are_stable_and_distinct"))
+                              + ("tests/engines/test_requests_mutants.py",),
                               functions=_fn("SamplingParams.__post_init__", "SamplingParams.from_dict", "derive_seed",
-                                            "Engine.check_soft_prefix", "Engine.encode_request", "Engine.prepare",
-                                            "Engine.embed_prompt", "PreparedRequest.prompt_len"),
+                                            "Engine.check_soft_prefix", "Engine.encode_request",
+                                            "Engine._apply_chat_template", "Engine.prepare", "Engine.embed_prompt",
+                                            "PreparedRequest.prompt_len"),
                               forkserver=True),
     "references": Target("domino_ray/references.py", ("tests/test_references.py",), forkserver=True),
     # The in-process tests only: the Ray Train / Ray Data ones run the code in other processes.

@@ -34,9 +34,20 @@ TB = 'Traceback (most recent call last):\n  File "main.py", line 1, in <module>\
     ("Hello: world\n", None),  # not an exception name
     ("  IndentedError: inside a traceback\n", None),
     ("", None),
+    (TB + "AssertionError  \nnoise\n", ("AssertionError", "")),  # trailing spaces on an inner line
+    (TB + "ValueError: a\n\nmore\n", ("ValueError", "a")),  # an empty line in between
+    (TB + "ValueError: a\nx\n", ("ValueError", "a")),  # a one-character line
+    (TB + "ValueError: real\nNote: StopIteration\n", ("ValueError", "real")),  # a name in the message is not one
 ])
 def test_last_exception_line(stderr, expected):
     assert last_exception_line(stderr) == expected
+
+
+@pytest.mark.parametrize("word", ["keyboardinterrupt", "KEYBOARDINTERRUPT", "XXKeyboardInterruptXX", "stopiteration",
+                                  "STOPITERATION", "XXStopIterationXX"])
+def test_exception_names_are_case_sensitive_and_whole(word):
+    assert last_exception_line(f"{word}\n") is None
+    assert last_exception_line("KeyboardInterrupt\n") == ("KeyboardInterrupt", "")
 
 
 def test_last_exception_line_looks_at_the_last_200_lines_only():
@@ -119,6 +130,8 @@ def test_classify_exit_defaults():
     # no timeout, no overflow, no OOM unless given
     assert classify_exit(0, None, "", CFG) == ("passed", "")
     assert classify_exit(1, None, "", CFG) == ("failed", "exit code 1")
+    assert classify_exit(None, 9, "", CFG, timed_out=True) == ("timeout", "wall-clock limit of 0 s exceeded; "
+                                                                          "process group killed")
 
 
 # ---------------------------------------------------------------------------------- exit status
