@@ -238,3 +238,15 @@ def test_distributed_dedup_equals_the_sequential_pass_on_planted_clusters(tmp_pa
     assert got[50] == 25 and got[51] == 25  # at 0.5 it matches 25 only (0.36 with 20)
     assert counts["dedup_kept"] == n - 2 - len(got)  # 17 and 45 took no part
     assert counts["reject_reasons"]["duplicate"] == len(got)
+
+
+def test_no_row_takes_part_in_dedup(tmp_path, ray_cluster):
+    # every row rejected before dedup: no band rows, no pairs; the empty shuffles still end in records
+    storage, root = Storage(), str(tmp_path)
+    rows = [work_row(s, BASE, judge_score=1.0) for s in range(N)]  # identical drafts, all below threshold
+    write_work(storage, join_uri(root, "work"), rows)
+    counts = run(storage, root)
+    recs = read_records(storage, root)
+    assert [r["reject_reason"] for r in recs] == ["judge_below_threshold"] * N
+    assert all(r["duplicate_of"] is None for r in recs)
+    assert counts["dedup_kept"] == 0 and counts["dedup_matches"] == 0
