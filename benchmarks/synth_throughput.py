@@ -108,6 +108,7 @@ def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int) -> float
 
 def throughput(args) -> None:
     from domino_ray.config import config_from_dict
+    from domino_ray.runtime import ensure_ray
     from domino_ray.synthesize import run_synthesize
 
     model = tiny_model(args.model)
@@ -129,6 +130,7 @@ def throughput(args) -> None:
                 for kind, stage in stages.items() for b in args.batch}
 
     before = bare_all()
+    ensure_ray(num_cpus=args.ray_cpus)
     plans = {}
     for b in args.batch:
         out = tempfile.mkdtemp(prefix=f"synth-bench-{b}-")
@@ -138,7 +140,8 @@ def throughput(args) -> None:
     for stage in stages.values():
         stage.shutdown()
     print(f"[throughput] engine={args.engine} max_tokens={args.max_tokens} max_concurrent_batches={args.in_flight} "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} load average {os.getloadavg()[0]:.1f}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} Ray CPUs {args.ray_cpus} on {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f} (1 min, at the end)")
     for b in args.batch:
         steady, summary = plans[b]["steady_samples_per_second"], plans[b]
         print(f"  batch {b} (N={sizes[b]}, block {args.block or b}):")
@@ -153,11 +156,13 @@ def throughput(args) -> None:
                   f"after {after[kind, b]:.2f})   plan/bare {steady / bare:.3f}")
 
 
-def rss_child(n: int, out: str, model: str, engine: str, block: int) -> None:
+def rss_child(n: int, out: str, model: str, engine: str, block: int, ray_cpus: int) -> None:
     """One synthesis job in this fresh process; records the driver's peak RSS."""
     from domino_ray.config import config_from_dict
+    from domino_ray.runtime import ensure_ray
     from domino_ray.synthesize import run_synthesize
 
+    ensure_ray(num_cpus=ray_cpus)
     model_dir = tiny_model(model)
     root = tempfile.mkdtemp(prefix=f"synth-rss-{n}-")
     save_tiny_representation(model_dir, root)
@@ -173,7 +178,7 @@ def rss(args) -> None:
     for n in args.rss_n:
         out = tempfile.mktemp(suffix=".json")
         cmd = [sys.executable, __file__, "--rss-child", str(n), out, "--engine", args.rss_engine,
-               "--rss-block", str(args.rss_block)]
+               "--rss-block", str(args.rss_block), "--ray-cpus", str(args.ray_cpus)]
         if args.model:
             cmd += ["--model", args.model]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private cluster per run
@@ -201,12 +206,14 @@ def main() -> None:
     p.add_argument("--rss-n", type=int, nargs="*", default=[1000, 100000])
     p.add_argument("--rss-engine", default="hf", choices=["hf", "vllm"], help="engine of the RSS runs")
     p.add_argument("--rss-block", type=int, default=100, help="block size of the RSS runs")
+    p.add_argument("--ray-cpus", type=int, default=4,
+                   help="logical CPUs of the local Ray (as the tests: 2 cores can starve the finalize pass)")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--rss-child", nargs=2, metavar=("N", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
-        rss_child(int(args.rss_child[0]), args.rss_child[1], args.model, args.rss_engine, args.rss_block)
+        rss_child(int(args.rss_child[0]), args.rss_child[1], args.model, args.rss_engine, args.rss_block, args.ray_cpus)
         return
     if not args.skip_throughput:
         throughput(args)
