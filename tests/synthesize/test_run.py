@@ -189,13 +189,37 @@ def test_check_work_blocks_regenerates_bad_objects_and_keeps_good_ones(tmp_path,
     assert good.exists() and (good.stat().st_mtime_ns, good.stat().st_ino) == before
 
 
+def _kill_actor_once(class_fragment: str, ignore: set, deadline_s: float = 300) -> None:
+    """SIGKILL the process of the first live actor (not in `ignore`) whose class name holds
+    `class_fragment`, as soon as it is up: its pool has all of its tasks still ahead."""
+    import os
+    import signal
+    import time
+
+    import ray._private.state
+
+    deadline = time.time() + deadline_s
+    while True:
+        live = [a for key, a in ray._private.state.actors().items()
+                if key not in ignore and class_fragment in a["ActorClassName"] and a["State"] == "ALIVE"]
+        if live:
+            os.kill(int(live[0]["Pid"]), signal.SIGKILL)
+            return
+        assert time.time() < deadline, f"no {class_fragment} actor up in {deadline_s} s"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_block_is_the_unit_of_work_failed_truncated_and_extended(ray_cluster, tiny_model_dir, references_file,
                                                                    tmp_path):
     """On a real local Ray cluster with the tiny model: every seed block reaches the writer alone and
     whole; a failed block is tolerated and finished by a re-run; a truncated block is regenerated; a
-    larger num_samples generates only the new blocks (and the remainder that grew)."""
+    larger num_samples generates only the new blocks (and the remainder that grew); a killed engine
+    actor is restarted and the run still writes every seed exactly once."""
+    import threading
+
     import pyarrow.parquet as pq
+    import ray._private.state
 
     from domino_ray.synthesize import SynthesisIncomplete
     from tests.synthesize.test_e2e import check_records
@@ -227,8 +251,25 @@ def test_block_is_the_unit_of_work_failed_truncated_and_extended(ray_cluster, ti
     before = (kept.stat().st_mtime_ns, kept.stat().st_ino)
     cut = work / "part-000002.parquet"
     cut.write_bytes(cut.read_bytes()[:100])
-    # extend to 18: blocks 0..4, block 4 = seeds 16, 17 (a short remainder: planned to travel with block 3)
+    # extend to 18: blocks 0..4, block 4 = seeds 16, 17 (a short remainder: planned to travel with block 3);
+    # the draft engine's actor is SIGKILLed as soon as it is up: Ray Data restarts it and retries its task
+    earlier = set(ray._private.state.actors())
+    errors: list[BaseException] = []
+
+    def kill():
+        try:
+            _kill_actor_once("DraftStage", earlier)
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread below
+            errors.append(e)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
     summary = run_synthesize(config_from_dict(raw(18)))
+    killer.join()
+    assert not errors, errors
+    restarted = [a for key, a in ray._private.state.actors().items()
+                 if key not in earlier and "DraftStage" in a["ActorClassName"] and a["NumRestarts"] > 0]
+    assert len(restarted) == 1
     assert summary["blocks"] == {"total": 5, "skipped": 1, "generated": 4}
     flow = summary["block_flow"]
     assert flow["regenerated"] == [2] and flow["unplanned_merges"] == 0
