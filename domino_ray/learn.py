@@ -544,8 +544,16 @@ class _Learner:
                              checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"epoch_{epoch:04d}")
 
     def _write_file(self, name: str, text: str) -> None:
-        with self.fs.open_output_stream(f"{self.learn_fs_path}/{name}") as f:
+        """metrics.jsonl / outcome.json beside Ray's checkpoints, through Ray's filesystem (it holds the
+        credentials; the payload has none). Written to a temp name, then moved: a rename locally, a
+        server-side copy on S3, so a kill mid-write leaves the previous file, never a torn one."""
+        import uuid
+
+        path = f"{self.learn_fs_path}/{name}"
+        tmp = f"{self.learn_fs_path}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
             f.write(text.encode("utf-8"))
+        self.fs.move(tmp, path)
 
     def _read_metrics(self) -> list[dict[str, Any]]:
         import pyarrow.fs as pafs
