@@ -310,6 +310,30 @@ def test_streamed_lora_sft_matches_a_single_process_computation_of_the_same_step
 
 
 @pytest.mark.slow
+def test_reference_sft_trains_on_the_training_references_only(ray_cluster, tiny_model_dir, tmp_path):
+    """finetune.data: references (the study's reference-SFT arm) goes through the same trainer: every
+    token of each training reference (+ EOS) is a target, the held-out ones are never trained on."""
+    from domino_ray.backbone import load_tokenizer
+    from domino_ray.references import read_reference_split
+
+    out = str(tmp_path / "run")
+    cfg = make_cfg(tiny_model_dir, out, data="references", num_workers=1, batch_size=8, epochs=2, max_length=64)
+    cfg = cfg.model_copy(update={"references": cfg.references.model_copy(
+        update={"source": "humaneval:0:12", "holdout": 4, "max_tokens": 48})})
+    train, held = read_reference_split(cfg.references, Storage())
+    assert len(train) == 8 and len(held) == 4
+    tok = load_tokenizer(str(tiny_model_dir))
+    # by hand: text tokens + EOS, cut to max_tokens (48 < max_length - 1) with EOS kept last
+    expected_targets = sum(min(len(tok(t, add_special_tokens=False)["input_ids"]) + 1, 48) for t in train)
+    summary = run_finetune(cfg)
+    history = [json.loads(line) for line in Path(summary["metrics"]).read_text().splitlines()]
+    assert summary["records"] == 8 and summary["sequences"] == 8 and summary["steps"] == 2  # one batch per epoch
+    assert summary["target_tokens"] == expected_targets
+    assert [r["target_tokens"] for r in history] == [expected_targets] * 2  # each step saw every training reference
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.slow
 def test_lora_sft_two_workers_lowers_loss_and_both_engines_load_the_adapter(ray_cluster, tiny_model_dir, tmp_path):
     from domino_ray.config import BackboneConfig, EngineConfig
     from domino_ray.engines import build_engine
