@@ -210,3 +210,31 @@ def test_async_stage_in_a_ray_data_pool_keeps_batches_in_flight(ray_cluster, tmp
     # [D ; tokens("def")] once for the 13 rows without text, plus one per served row with text (the
     # too-long row is refused before its embeddings are built)
     assert max(c["prompt_embeds_built"] for c in counters) == 1 + 2
+
+
+def test_async_stage_applies_the_lora_adapter_and_shutdown_ends_its_engine_core(tiny_model_dir, lora_adapter, backbone):
+    """Evaluation of a LoRA fine-tune runs on the async engine too: greedy texts equal transformers' with
+    the same adapter, and shutdown stops the engine core."""
+    import numpy as np
+
+    from domino_ray.engines.hf import HFEngine
+    from domino_ray.engines.stage import LLMStage
+
+    prompts = ["def parse(line):", "class Parser:"]
+    hf_lora = HFEngine(str(tiny_model_dir), dtype="float32", device="cpu", lora_path=str(lora_adapter))
+    expected = [o.completions[0].text
+                for o in hf_lora.generate([Req(text=p) for p in prompts], SP(temperature=0.0, max_tokens=16))]
+    hf_lora.shutdown()
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    stage = LLMStage({"kind": "vllm", "dtype": "float32", "max_model_len": 512, "cpu_kv_cache_gb": 0.25,
+                      "lora_path": str(lora_adapter)}, backbone, {"temperature": 0.0, "max_tokens": 16},
+                     input_column="p", output_column="o")
+    assert stage.concurrent
+    cores = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and "EngineCore" in p.name()]
+    assert cores
+    assert list(stage({"p": np.array(prompts, dtype=object)})["o"]) == expected
+    stage.shutdown()
+    multiprocessing.active_children()
+    alive = [p for p in cores if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"engine core still running: {alive}"
