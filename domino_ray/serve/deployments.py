@@ -161,6 +161,16 @@ class _DraftReplica(_EngineReplica):
         return {**(await super().info()), "domains_loaded": self.loads}
 
 
+def _end_draft(answer: dict[str, Any], end_at: str) -> dict[str, Any]:
+    """The batch DraftStage's end rule (synthesize.draft.end_at) on one served draft answer."""
+    if end_at != "docstring":
+        return answer
+    from domino_ray.synthesize.drafts import cut_draft
+
+    text, reason, _ = cut_draft(answer["text"], answer["finish_reason"])
+    return {**answer, "text": text, "finish_reason": reason}
+
+
 def draft_deployment(max_domains: int):
     """The draft deployment class with an LRU of `max_domains` domains per replica."""
 
@@ -298,7 +308,7 @@ class DominoIngress:
         """(spec, draft answer, response answer or None) for one chunk of samples."""
         samplings = [dict(sampling, seed=s.draft_seed) for s in specs]
         result = await self._draft_for(name).generate.remote(prompt, samplings)
-        answers = result["answers"]
+        answers = [_end_draft(a, self.domains[name].draft_end_at) for a in result["answers"]]
         responses: list[Optional[dict]] = [None] * len(specs)
         if respond:
             # the batch rule (RespondStage): only drafts that pass the draft checks get a response

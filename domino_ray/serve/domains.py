@@ -41,6 +41,8 @@ class Domain:
     # The draft length batch synthesis resolved for this run (synth/manifest.json), used when neither the
     # request nor `synthesize.draft.sampling.max_tokens` sets one, so served samples equal batch samples.
     draft_max_tokens: Optional[int] = None
+    # ... and where its drafts end (synthesize.draft.end_at), applied to served samples the same way
+    draft_end_at: str = "none"
 
     def public(self) -> dict[str, Any]:
         """What `GET /v1/domains` shows."""
@@ -69,13 +71,15 @@ def _run_identity(rep_dir: str, storage: Storage) -> tuple[Optional[str], int, s
     return None, 0, root
 
 
-def _synth_draft_length(root: str, storage: Storage) -> Optional[int]:
-    """The `draft_max_tokens` batch synthesis recorded in `<run>/synth/manifest.json`, if it ran."""
+def _synth_draft_settings(root: str, storage: Storage) -> dict[str, Any]:
+    """The draft length and end rule batch synthesis used (`<run>/synth/manifest.json`), if it ran."""
     manifest = RunLayout(root).synth_manifest
-    if storage.exists(manifest):
-        value = storage.read_json(manifest).get("draft_max_tokens")
-        return int(value) if value else None
-    return None
+    if not storage.exists(manifest):
+        return {}
+    data = storage.read_json(manifest)
+    value = data.get("draft_max_tokens")
+    end_at = (((data.get("config") or {}).get("synthesize") or {}).get("draft") or {}).get("end_at") or "none"
+    return {"draft_max_tokens": int(value) if value else None, "draft_end_at": end_at}
 
 
 def _domain(name: Optional[str], uri: str, storage: Storage) -> Domain:
@@ -91,7 +95,7 @@ def _domain(name: Optional[str], uri: str, storage: Storage) -> Domain:
         backbone_signature=str(meta.get("backbone_signature")), hidden_size=rep.hidden_size,
         num_domain_tokens=rep.num_domain_tokens, prefix=rep.prefix, representation_sha256=rep.sha256,
         reference_sha256=meta.get("reference_sha256"), learned_at=meta.get("created_at"),
-        draft_max_tokens=_synth_draft_length(root, storage))
+        **_synth_draft_settings(root, storage))
 
 
 def load_domains(runs: Iterable[str], mapping: Optional[Mapping[str, str]] = None,

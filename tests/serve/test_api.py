@@ -163,7 +163,21 @@ def test_domains_take_the_draft_length_batch_synthesis_resolved(serve_domains, t
     shutil.copytree(serve_domains["alpha"], run)
     Storage().write_json(str(run / "synth" / "manifest.json"), {"draft_max_tokens": 37})
     assert load_domains([str(run)])["alpha"].draft_max_tokens == 37
+    assert load_domains([str(run)])["alpha"].draft_end_at == "none"
     assert load_domains([str(serve_domains["beta"])])["beta"].draft_max_tokens is None
+    Storage().write_json(str(run / "synth" / "manifest.json"),
+                         {"draft_max_tokens": 37, "config": {"synthesize": {"draft": {"end_at": "docstring"}}}})
+    assert load_domains([str(run)])["alpha"].draft_end_at == "docstring"
+
+
+def test_served_drafts_end_where_batch_drafts_end():
+    """The batch DraftStage's end_at rule on a served answer: cut after the docstring, reason `cut`."""
+    from domino_ray.serve.deployments import _end_draft
+
+    statement = 'def f(x):\n    """Double x.\n    >>> f(2)\n    4\n    """\n'
+    answer = {"text": statement + "    return 2 * x\n", "tokens": 30, "finish_reason": "length", "prompt_tokens": 4}
+    assert _end_draft(answer, "docstring") == {**answer, "text": statement, "finish_reason": "cut"}
+    assert _end_draft(answer, "none") == answer
 
 
 def test_domains_learned_on_another_backbone_are_refused_by_name(serve_domains, tiny_model_dir, tmp_path):
