@@ -173,7 +173,7 @@ def test_resume_after_driver_sigkill(ray_cluster, tiny_model_dir, references_fil
         job.send_signal(signal.SIGKILL)
         job.wait()
     _wait_until_the_killed_jobs_actors_are_gone()  # after that, no block of the killed run can still land
-    before = {p.name: p.stat().st_mtime_ns for p in work.glob("part-*.parquet")}
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in work.glob("part-*.parquet")}
     total = blocks.num_blocks(n, bs)
     assert 0 < len(before) < total, f"kill was not part-way: {len(before)} of {total} blocks"
     manifest = json.loads((root / "synth" / "manifest.json").read_text())
@@ -181,7 +181,8 @@ def test_resume_after_driver_sigkill(ray_cluster, tiny_model_dir, references_fil
 
     summary = run_synthesize(config_from_dict(raw))
     assert summary["blocks"] == {"total": total, "skipped": len(before), "generated": total - len(before)}
-    assert {name: (work / name).stat().st_mtime_ns for name in before} == before  # not rewritten
+    assert {name: ((work / name).stat().st_mtime_ns, (work / name).stat().st_ino) for name in before} == before
+    assert summary["block_flow"]["max_calls_per_block"] == 1 and summary["block_flow"]["unplanned_merges"] == 0
     df = pq.read_table(str(root / "synth" / "records")).to_pandas()
     assert len(df) == n and sorted(df["seed_index"]) == list(range(n))
     check_records(df, "rs", n, summary)
