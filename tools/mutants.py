@@ -93,7 +93,10 @@ TARGETS: dict[str, Target] = {
                                             "Engine._apply_chat_template", "Engine.prepare", "Engine.embed_prompt",
                                             "PreparedRequest.prompt_len"),
                               forkserver=True),
-    "references": Target("domino_ray/references.py", ("tests/test_references.py",), forkserver=True),
+    # Without the S3 test (a moto server per mutant); S3 paths of _short_name are tested directly.
+    "references": Target("domino_ray/references.py",
+                         ("tests/test_references.py", "tests/test_references_mutants.py", "-k", "not s3_source"),
+                         forkserver=True),
     # The in-process tests only: the Ray Train / Ray Data ones run the code in other processes.
     "finetune_masking": Target("domino_ray/finetune.py",
                                tuple(f"tests/test_finetune.py::{t}" for t in (
