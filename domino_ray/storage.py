@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional
@@ -116,13 +117,21 @@ class _S3Upload:
     def write(self, data) -> int:
         if self.closed:
             raise ValueError("write to a finished S3 upload")
-        data = memoryview(data).cast("B")
-        self.buf += data
-        self.written += len(data)
-        while len(self.buf) >= self.part_size:
-            self._send(bytes(self.buf[: self.part_size]))
-            del self.buf[: self.part_size]
-        return len(data)
+        view = memoryview(data).cast("B")
+        n = len(view)
+        self.written += n
+        if self.buf:  # top up the pending part first
+            take = min(self.part_size - len(self.buf), n)
+            self.buf += view[:take]
+            view = view[take:]
+            if len(self.buf) == self.part_size:
+                self._send(bytes(self.buf))
+                self.buf = bytearray()
+        while len(view) >= self.part_size:  # whole parts straight from the caller's buffer
+            self._send(view[: self.part_size].tobytes())
+            view = view[self.part_size:]
+        self.buf += view
+        return n
 
     def _send(self, chunk: bytes) -> None:
         if self.upload_id is None:
@@ -364,7 +373,8 @@ class Storage:
                 dest = join_uri(uri, f.relative_to(local_dir).as_posix())
                 if not is_s3(uri) and Path(dest).resolve() == f.resolve():
                     continue
-                self.write_bytes(dest, f.read_bytes())
+                with open(f, "rb") as src, self.open_atomic(dest) as out:  # part by part: model files are GBs
+                    shutil.copyfileobj(src, out, self.part_size)
 
     def download_dir(self, uri: str, local_dir: str | Path) -> Path:
         """Copy everything under a URI to a local folder; returns the folder."""

@@ -272,6 +272,20 @@ def test_an_exception_mid_write_leaves_no_s3_object_and_no_upload(s3_server, s3_
     assert body[:1] == b"A" and body[-(1024 * 1024) - 3:-(1024 * 1024) - 2] == bytes([65 + size_mib - 1])
 
 
+def test_writes_of_any_size_land_in_order_across_parts(s3_server, s3_bucket):
+    import hashlib
+
+    storage = Storage(s3_server, part_size=5 * 1024 * 1024)
+    uri = f"s3://{s3_bucket}/runs/r/model.safetensors"
+    pieces = [os.urandom(n) for n in (3, 1024 * 1024, 11 * 1024 * 1024 + 7, 0, 4 * 1024 * 1024, 5)]
+    with storage.open_atomic(uri) as f:
+        for p in pieces:
+            f.write(p)
+    expected = b"".join(pieces)
+    body = storage.read_bytes(uri)
+    assert len(body) == len(expected) and hashlib.sha256(body).digest() == hashlib.sha256(expected).digest()
+
+
 def test_a_failed_s3_write_keeps_the_old_object(s3_server, s3_bucket):
     storage = Storage(s3_server)
     uri = f"s3://{s3_bucket}/runs/r/manifest.json"
