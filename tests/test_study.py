@@ -124,6 +124,25 @@ def test_few_shot_prompts_are_seeded_per_draft_and_show_k_examples():
     assert len(few_shot_examples(TEXTS[:2], 5, 0, 0)) == 2
 
 
+def test_few_shot_prompts_that_cannot_fit_the_draft_context_are_refused_with_the_arithmetic(tiny_model_dir):
+    """The bound is the prompt of the k longest references, counted here with the tokenizer directly; one
+    token less of context than prompt + max_tokens is refused, exactly enough is accepted."""
+    from transformers import AutoTokenizer
+
+    from domino_ray.synthesize.fewshot import check_few_shot_fits
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    refs = ["def a(): pass", "def bb(x):\n    return x * 2 + 1  # longer", "x = 1",
+            "def ccc(values):\n    " + "total = sum(values) + len(values)\n    " * 6 + "return total"]
+    template = "Examples:\n{examples}\nNew one:"
+    longest_two = "Examples:\n### Example 1\n" + refs[3] + "\n\n### Example 2\n" + refs[1] + "\nNew one:"
+    need = len(tok(longest_two)["input_ids"])
+    assert check_few_shot_fits(tok, refs, 2, template, False, 40, need + 40) == need
+    with pytest.raises(ValueError, match=rf"{need} \+ 40 = {need + 40} > synthesize.draft.engine.max_model_len "
+                                         rf"{need + 39}"):
+        check_few_shot_fits(tok, refs, 2, template, False, 40, need + 39)
+
+
 # ------------------------------------------------------------------------------------ arm configs
 def study_cfg(model_dir: Path, output: str, **sections):
     data = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
