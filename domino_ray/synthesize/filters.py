@@ -200,9 +200,10 @@ class Deduplicator:
     Because a verdict depends only on lower seeds, the result for a prefix of seeds never changes
     when more seeds are added: a restarted job reproduces it exactly.
 
-    Memory: one signature (num_perm x 4 or 8 bytes) plus LSH band keys per kept sample, about
-    1.5 KiB at num_perm=128, i.e. ~1.5 GB per million kept samples. This is the one part of the
-    pipeline that grows with N; it runs in a single Ray task, not on the driver.
+    Memory: one signature (num_perm x 4 bytes) plus LSH band keys per kept sample, a few KiB at
+    num_perm=128, growing with N. So it serves small sets only (one request's drafts in the serve
+    app, and the tests' reference for the batch pass); the batch final pass computes the same answer
+    distributed (`band_hashes` .. `resolve_duplicates` below, driven by finalize.py).
     """
 
     def __init__(self, threshold: float, num_perm: int):

@@ -114,3 +114,42 @@ def test_refilter_rewrites_records_from_untouched_work_blocks(tiny_model_dir, re
     assert counts["record_blocks_written"] == 3
     assert records() == {**{s: None for s in range(n)}, 5: "contaminated", 7: "duplicate"}
     assert _digest(out / "synth" / "work") == work_before  # synth/work only read
+
+
+@pytest.mark.slow
+def test_run_synthesize_refilters_without_generating(ray_cluster, tiny_model_dir, references_file, tmp_path):
+    from domino_ray.synthesize import run_synthesize
+    from tests.synthesize.conftest import make_representation
+
+    root = tmp_path / "run"
+    make_representation(tiny_model_dir, str(root))
+    common = dict(n=8, block=4, respond={"enabled": False}, judge={"enabled": False})
+    # syntax off: with respond off it would parse the drafts themselves; 4-grams: tiny drafts are short
+    filt = {"novelty": False, "syntax": False, "decontam_ngram": 4}
+    first = cfg_of(tiny_model_dir, references_file, root, filter={**filt, "decontaminate": []}, **common)
+    summary = run_synthesize(first)
+    assert summary["blocks"]["generated"] == 2
+    work = _digest(root / "synth" / "work")
+    storage = Storage()
+    recs = []
+    for uri in storage.list_files(SynthPaths(str(root)).records, suffix=".parquet"):
+        recs += read_table(storage, uri).to_pylist()
+    assert not any(r["contaminated"] for r in recs)
+    victim = next(r for r in recs if r["accepted"] and len(filters.words(r["draft"])) >= 4)
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"task_id": "e/0", "prompt": victim["draft"], "tests": "assert True",
+                                 "entry_point": "f"}) + "\n")
+    second = cfg_of(tiny_model_dir, references_file, root, filter={**filt, "decontaminate": [str(evals)]}, **common)
+    summary = run_synthesize(second)  # no --overwrite: same generation fingerprint
+    assert summary["blocks"]["generated"] == 0 and summary["record_blocks_written"] == 2
+    assert _digest(root / "synth" / "work") == work
+    after = {}
+    for uri in storage.list_files(SynthPaths(str(root)).records, suffix=".parquet"):
+        after.update({r["seed_index"]: r for r in read_table(storage, uri).to_pylist()})
+    assert after[victim["seed_index"]]["reject_reason"] == "contaminated"
+    assert summary["counts"]["reject_reasons"]["contaminated"] >= 1
+    manifest = json.loads((root / "synth" / "manifest.json").read_text())
+    assert manifest["records_verdict_parts"] == verdict_parts(second)
+    assert manifest["work_verdict_parts"] == verdict_parts(first)
+    again = run_synthesize(second)  # nothing changed: nothing generated, no record block rewritten
+    assert again["blocks"]["generated"] == 0 and again["record_blocks_written"] == 0
