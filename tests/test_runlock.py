@@ -249,3 +249,17 @@ def test_a_job_whose_lock_was_broken_while_it_ran_ends_with_an_error(tmp_path):
             with pytest.raises(RunRootLocked, match="taken over"):
                 lock.renew()  # what the heartbeat does; it finds the lock taken
     assert json.loads(Path(root, ".lock").read_text())["job_id"] == "rescuer"  # left to its holder
+
+
+def test_break_lock_on_the_command_line_takes_the_root_for_this_job(tmp_path):
+    from domino_ray.cli import _held, build_parser
+
+    root = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "r", "output": str(root)}}))
+    RunLock(Storage(), str(root), job_id="ray-job:raysubmit_crashed").acquire()  # never released
+    args = build_parser().parse_args(["synthesize", "--config", str(cfg), "--break-lock"])
+    with _held(args) as loaded:
+        assert loaded.run.output == str(root)
+        assert json.loads((root / ".lock").read_text())["job_id"] == job_identity()
+    assert not (root / ".lock").exists()
