@@ -111,3 +111,18 @@ def test_collate_pads_right_with_the_pad_id_ignored_labels_and_a_mask():
     assert arrays["input_ids"].tolist() == [[1, 0], [2, 3]] and arrays["labels"].tolist() == [[1, IGNORE_INDEX],
                                                                                               [IGNORE_INDEX, 3]]
     assert set(arrays) == {"input_ids", "labels", "attention_mask"}
+
+
+def test_collate_arrays_takes_object_arrays_of_ids():
+    """A Ray Data batch holds its ragged columns as numpy object arrays; the int64 conversion also takes
+    rows whose ids are themselves held as Python objects."""
+    import numpy as np
+
+    ids = np.empty(2, dtype=object)
+    ids[0], ids[1] = np.array([4, 5], dtype=object), np.array([6], dtype=object)
+    labels = np.empty(2, dtype=object)
+    labels[0], labels[1] = np.array([IGNORE_INDEX, 5], dtype=object), np.array([6], dtype=object)
+    batch = collate_arrays(ids, labels, pad_id=3)
+    assert batch["input_ids"].tolist() == [[4, 5], [6, 3]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 5], [6, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
