@@ -7,8 +7,8 @@ For each N it writes N synthetic work rows (random 60-word drafts; --dup-rate of
 copies of a lower seed: half exact up to case, half with the last 1-3 words changed) as work blocks under a
 temporary run root, then times `finalize.finalize_blocks` on a local Ray cluster of --cpus logical
 CPUs. It prints wall time, rows/s, the duplicates found, and the peak RSS of every process that
-ran a piece of the pass (sampled every 0.2 s from the Ray worker processes, plus the resolving task's
-and the writers' own getrusage peaks), each with its ratio to the smallest N. Goal (issue 12): time
+ran a piece of the pass (RSS and USS sampled every 0.5 s from the Ray worker processes, by process
+title, plus the resolving task's and the writers' own getrusage peaks), each with its ratio to the smallest N. Goal (issue 12): time
 close to linear in N, peak task memory flat (<= 1 GB). Numbers are measured, not asserted; building
 the rows (MinHash of every draft) is timed separately and is not part of the pass.
 """
@@ -64,8 +64,8 @@ def write_blocks(first: int, last: int, *, work: str, num_samples: int, block_si
         seeds = blocks.block_seeds(b, num_samples, block_size)
         drafts = [draft_of(s, dup_rate) for s in seeds]
         # MinHash.bulk shares the permutations (2x faster); the same bytes as filters.minhash_signature
-        sigs = [m.hashvalues.tobytes() for m in MinHash.bulk([filters._shingles(d, 5) for d in drafts],
-                                                                num_perm=num_perm, seed=1, scheme="affine32")]
+        shingles = [filters._shingles(d, 5) for d in drafts]
+        sigs = [m.hashvalues.tobytes() for m in MinHash.bulk(shingles, num_perm=num_perm, seed=1, scheme="affine32")]
         if b == first and sigs[0] != filters.minhash_signature(drafts[0], num_perm, 5):
             raise RuntimeError("MinHash.bulk disagrees with filters.minhash_signature")
         rows = [dict(schema.empty_record("bench", s), block=b, draft=d, draft_finish_reason="stop",
@@ -77,25 +77,39 @@ def write_blocks(first: int, last: int, *, work: str, num_samples: int, block_si
 
 
 class RssSampler:
-    """Peak RSS per Ray worker process of this driver's cluster (children of this process)."""
+    """Peak memory per Ray worker process of this driver's cluster (children of this process), by the
+    process title (Ray names a worker after what it runs: ray::MapBatches(_band_rows), ...). RSS counts
+    the object-store pages a worker maps (zero-copy reads); USS (unique set size) leaves shared pages out."""
 
-    def __init__(self, period: float = 0.2):
+    def __init__(self, period: float = 0.5):
         import psutil
 
-        self.me, self.period, self.peaks, self._stop = psutil.Process(), period, {}, threading.Event()
+        self.me, self.period, self._stop = psutil.Process(), period, threading.Event()
+        self.peaks: dict = {}  # pid -> [title, rss, uss]
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
             for p in self.me.children(recursive=True):
                 try:
-                    if not p.name().startswith("ray::") and "default_worker" not in " ".join(p.cmdline()[:3]):
+                    title = " ".join(p.cmdline()[:1])
+                    if not title.startswith("ray::"):
                         continue
-                    rss = p.memory_info().rss
-                    self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
+                    mem = p.memory_full_info()
+                    peak = self.peaks.setdefault(p.pid, [title, 0, 0])
+                    if title not in ("ray::IDLE",):
+                        peak[0] = title
+                    peak[1], peak[2] = max(peak[1], mem.rss), max(peak[2], mem.uss)
                 except Exception:  # noqa: BLE001 - a process that ended between listing and reading
                     pass
             self._stop.wait(self.period)
+
+    def by_title(self) -> dict:
+        out: dict = {}
+        for title, rss, uss in self.peaks.values():
+            old = out.get(title, (0, 0))
+            out[title] = (max(old[0], round(rss / 2**20)), max(old[1], round(uss / 2**20)))
+        return out
 
     def __enter__(self):
         self.thread.start()
@@ -105,8 +119,8 @@ class RssSampler:
         self._stop.set()
         self.thread.join()
 
-    def max_mb(self) -> float:
-        return round(max(self.peaks.values(), default=0) / 2**20, 1)
+    def max_mb(self, which: int = 1) -> float:
+        return round(max((p[which] for p in self.peaks.values()), default=0) / 2**20, 1)
 
 
 def run_one(n: int, args, tmp: str) -> dict:
@@ -136,7 +150,8 @@ def run_one(n: int, args, tmp: str) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     return {"n": n, "build_s": round(build, 1), "wall_s": round(wall, 1), "rows_per_s": round(n / wall),
             "duplicates": counts["reject_reasons"]["duplicate"], "matches": counts["dedup_matches"],
-            "worker_peak_mb": sampler.max_mb(), "writer_peak_mb": counts["peak_rss_mb"]["write"],
+            "worker_peak_mb": sampler.max_mb(1), "worker_peak_uss_mb": sampler.max_mb(2),
+            "by_process": sampler.by_title(), "writer_peak_mb": counts["peak_rss_mb"]["write"],
             "resolve_peak_mb": counts["peak_rss_mb"]["resolve"], "blocks": total,
             "dedup_s": round(counts["finalize_seconds"] - counts["finalize_write_seconds"], 1),
             "write_s": counts["finalize_write_seconds"]}
@@ -156,7 +171,8 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="finalize-scale-", dir=args.tmp)
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, object_store_memory=1 << 30,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}, _temp_dir=tempfile.mkdtemp(prefix="ray-"),
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}},
+             _temp_dir=tempfile.mkdtemp(prefix="ray-"),
              logging_level="WARNING")
     try:
         import ray.data
@@ -173,13 +189,17 @@ def main() -> None:
     base = results[0]
     print(f"\nfinalize on {args.cpus} CPUs, block_size {args.block_size}, dup rate {args.dup_rate}, "
           f"threshold {args.threshold}, num_perm {args.num_perm}")
-    print(f"{'N':>9} {'wall s':>8} {'x':>6} {'(x N)':>6} {'rows/s':>8} {'dups':>7} {'worker MB':>10} {'x':>5} "
-          f"{'writer MB':>10} {'resolve MB':>11} {'build s':>8}")
+    print(f"{'N':>9} {'wall s':>8} {'x':>6} {'(x N)':>6} {'rows/s':>8} {'dups':>7} {'RSS MB':>7} {'x':>5} "
+          f"{'USS MB':>7} {'x':>5} {'writer MB':>10} {'resolve MB':>11} {'build s':>8}")
     for r in results:
         print(f"{r['n']:>9} {r['wall_s']:>8} {r['wall_s'] / base['wall_s']:>6.2f} {r['n'] / base['n']:>6.0f} "
-              f"{r['rows_per_s']:>8} {r['duplicates']:>7} {r['worker_peak_mb']:>10} "
-              f"{r['worker_peak_mb'] / max(base['worker_peak_mb'], 1e-9):>5.2f} {r['writer_peak_mb']:>10} "
+              f"{r['rows_per_s']:>8} {r['duplicates']:>7} {r['worker_peak_mb']:>7} "
+              f"{r['worker_peak_mb'] / max(base['worker_peak_mb'], 1e-9):>5.2f} {r['worker_peak_uss_mb']:>7} "
+              f"{r['worker_peak_uss_mb'] / max(base['worker_peak_uss_mb'], 1e-9):>5.2f} {r['writer_peak_mb']:>10} "
               f"{r['resolve_peak_mb']:>11} {r['build_s']:>8}")
+    print("\npeak RSS / USS MB by Ray worker process title, at the largest N:")
+    for title, (rss, uss) in sorted(results[-1]["by_process"].items(), key=lambda kv: -kv[1][0]):
+        print(f"  {rss:>6} / {uss:>6}  {title[:100]}")
 
 
 if __name__ == "__main__":

@@ -155,14 +155,16 @@ def _duplicates(total: int, *, work_uri: str, s3_cfg: Optional[dict], num_sample
                                         "threshold": threshold, "partitions": partitions})
     pairs = bands.groupby("part", num_partitions=partitions).map_groups(
         _pairs_of_partition, batch_format="numpy", num_cpus=1, fn_kwargs={"block_size": block_size})
-    with_j = pairs.groupby("jb", num_partitions=partitions).map_groups(_attach_j, batch_format="numpy", num_cpus=1, fn_kwargs=common)
-    edges = with_j.groupby("ib", num_partitions=partitions).map_groups(_verify, batch_format="numpy", num_cpus=1,
-                                            fn_kwargs={**common, "threshold": threshold})
+    with_j = pairs.groupby("jb", num_partitions=partitions).map_groups(
+        _attach_j, batch_format="numpy", num_cpus=1, fn_kwargs=common)
+    edges = with_j.groupby("ib", num_partitions=partitions).map_groups(
+        _verify, batch_format="numpy", num_cpus=1, fn_kwargs={**common, "threshold": threshold})
     parts = {"i": [], "j": [], "alias": []}
     for batch in edges.iter_batches(batch_size=None, batch_format="numpy"):
         for k in parts:
             parts[k].append(batch[k])
-    cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=bool if k == "alias" else np.int64) for k, v in parts.items()}
+    cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=bool if k == "alias" else np.int64)
+           for k, v in parts.items()}
     seeds, dup_of = filters.resolve_duplicates(cat["i"].astype(np.int64), cat["j"].astype(np.int64),
                                                cat["alias"].astype(bool))
     stats = {"dedup_matches": int(len(cat["j"])), "dedup_exact_copies": int(cat["alias"].sum()),

@@ -201,7 +201,8 @@ def brute_force_duplicates(rows, threshold, num_perm):
             out[row["seed_index"]] = same[0]["seed_index"]
             continue
         hits = [k["seed_index"] for k in kept
-                if any(np.array_equal(k["sig"][a:e], sig[a:e]) for a, e in ranges) and np.mean(k["sig"] == sig) >= threshold]
+                if any(np.array_equal(k["sig"][a:e], sig[a:e]) for a, e in ranges)
+                and np.mean(k["sig"] == sig) >= threshold]
         if hits:
             out[row["seed_index"]] = min(hits)
         else:

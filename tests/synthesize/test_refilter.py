@@ -75,7 +75,8 @@ def _digest(path):
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in sorted(path.iterdir())}
 
 
-def test_refilter_rewrites_records_from_untouched_work_blocks(tiny_model_dir, references_file, tmp_path, ray_cluster):
+def test_refilter_rewrites_records_from_untouched_work_blocks(tiny_model_dir, references_file, tmp_path,
+                                                              ray_cluster):
     n, bs = 12, 4
     drafts = [" ".join(f"t{s}w{k}" for k in range(40)) for s in range(n)]
     drafts[7] = drafts[2].replace("t2w39", "other").replace("t2w38", "other2")  # near copy of 2: estimate 0.87
@@ -85,7 +86,8 @@ def test_refilter_rewrites_records_from_untouched_work_blocks(tiny_model_dir, re
                      novel=None, contaminated=False) for s, d in enumerate(drafts)]
     rows[9]["judge_score"] = 4.0
     evals = tmp_path / "eval.jsonl"
-    evals.write_text(json.dumps({"task_id": "x/0", "prompt": leaked, "tests": "assert True", "entry_point": "f"}) + "\n")
+    problem = {"task_id": "x/0", "prompt": leaked, "tests": "assert True", "entry_point": "f"}
+    evals.write_text(json.dumps(problem) + "\n")
     out = tmp_path / "run"
     storage, paths = Storage(), SynthPaths(str(out))
     for b in range(blocks.num_blocks(n, bs)):
