@@ -111,8 +111,12 @@ class LLMStage:
         if asynchronous and select_engine_kind(engine_cfg.kind, backbone_cfg.device)[0] == "vllm":
             # AsyncLLM binds to the loop it is built on: build it there, and await it only there.
             self._loop = _LoopThread(f"LLMStage({output_column})")
-            self.engine = self._loop.call(lambda: build_engine(engine_cfg, backbone_cfg, soft_prompt=soft_prompt,
-                                                               storage=storage, asynchronous=True))
+            try:
+                self.engine = self._loop.call(lambda: build_engine(engine_cfg, backbone_cfg, soft_prompt=soft_prompt,
+                                                                   storage=storage, asynchronous=True))
+            except BaseException:
+                self._loop.stop()
+                raise
         else:
             self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=soft_prompt, storage=storage)
         self.concurrent = self._loop is not None
