@@ -141,7 +141,8 @@ class _S3Backend:
         cur = self.read()
         if cur is None or cur[1] != version:
             return cur is None
-        log.debug("runlock: %s/%s: conditional delete unsupported, deleting after a version check", self.bucket, self.key)
+        log.debug("runlock: %s/%s: conditional delete unsupported, deleting after a version check",
+                  self.bucket, self.key)
         self.client.delete_object(Bucket=self.bucket, Key=self.key)
         return True
 

@@ -159,7 +159,7 @@ class _S3Upload:
             return
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-        except Exception as e:  # the object never appeared; only the parts may linger (a bucket lifecycle rule ends them)
+        except Exception as e:  # no object appeared; only the parts may linger (a bucket lifecycle rule ends them)
             log.warning("storage: s3://%s/%s: could not abort multipart upload %s (%s); no object was written",
                         self.bucket, self.key, self.upload_id, e)
 
