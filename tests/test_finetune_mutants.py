@@ -126,3 +126,20 @@ def test_collate_arrays_takes_object_arrays_of_ids():
     assert batch["input_ids"].tolist() == [[4, 5], [6, 3]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 5], [6, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+def test_no_bos_inside_the_sequence_with_a_tokenizer_that_adds_one(tok):
+    """With a tokenizer that puts BOS before plain text (as Llama's does), the response part (tokenized
+    apart from the prompt) must not get one: it would sit in the middle of the training sequence."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert tok(RESPONSE)["input_ids"][0] == tok.bos_token_id
+    for chat in (False, True):
+        ex = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=chat)
+        targets = [t for t in ex.labels if t != IGNORE_INDEX]
+        assert targets == ex.input_ids[len(ex.input_ids) - len(targets):]
+        assert tok.bos_token_id not in targets[:-1]  # the tiny BOS is also its EOS: only the plain ending may be it
+        body = _ids(tok, RESPONSE)
+        assert targets[:len(body)] == body
