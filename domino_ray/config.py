@@ -39,6 +39,26 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_given_override_the_stage_defaults(cls, data: Any) -> Any:
+        """A section given in part keeps its field's own defaults for the keys not given: with
+        `respond.engine: {kind: hf}` the respond engine still uses the chat template, and with
+        `judge.sampling: {max_tokens: 32}` the judge stays greedy. (Plain pydantic would build the
+        sub-model from its class defaults, silently dropping what the field's default_factory set.)"""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            key = field.alias if field.alias in out else name
+            given = out.get(key)
+            if not isinstance(given, dict) or field.default_factory is None:
+                continue
+            default = field.default_factory()
+            if isinstance(default, BaseModel):
+                out[key] = {**default.model_dump(by_alias=True, exclude_unset=True), **given}
+        return out
+
 
 # --------------------------------------------------------------------------------------------- run
 class RunConfig(_Section):
@@ -175,6 +195,7 @@ class DraftStageConfig(_Section):
         "Here are examples of problems from one domain:\n\n{examples}\n\nWrite one new problem of the same kind. "
         "Answer with the problem only.",
         description="Few-shot prompt; {examples} is replaced by the k examples, each opened by a line `### Example N`.")
+    end_at: Literal["none", "docstring"] = Field("none", description="Where a draft ends besides EOS/stop strings. docstring (code domains whose samples are a signature + docstring, like HumanEval): cut each draft after its first function's docstring, finish reason `cut` (a small model often goes on writing a body until max_tokens; the statement before it is complete). none = as generated.")
     reject_truncated: bool = Field(True, description="Reject drafts cut off at sampling.max_tokens (reason draft_truncated): an unfinished problem statement makes a bad training pair. Turn off for tiny test models that never stop.")
 
     @model_validator(mode="after")

@@ -177,3 +177,25 @@ def test_every_example_config_loads_with_the_values_it_sets(path):
                     got = got[key]
                 assert got == value, (keys, got, value)
 
+
+
+def test_a_section_given_in_part_keeps_its_stage_defaults():
+    """respond/judge engines default to the chat template, the judge to greedy sampling, the execute pool
+    to 0.25 CPU: giving one other key of those sections must not reset the rest to the class defaults
+    (it did: `respond.engine: {kind: hf}` sent raw text to an instruct model)."""
+    cfg = config_from_dict({"synthesize": {
+        "respond": {"engine": {"kind": "hf"}, "sampling": {"max_tokens": 100}},
+        "judge": {"engine": {"max_model_len": 1536}, "sampling": {"max_tokens": 8}},
+        "execute": {"pool": {"batch_size": 4}},
+        "draft": {"engine": {"kind": "hf"}}}})
+    syn = cfg.synthesize
+    assert (syn.respond.engine.kind, syn.respond.engine.chat_template) == ("hf", True)
+    assert (syn.respond.sampling.max_tokens, syn.respond.sampling.temperature) == (100, 0.2)
+    assert (syn.judge.engine.max_model_len, syn.judge.engine.chat_template) == (1536, True)
+    assert (syn.judge.sampling.max_tokens, syn.judge.sampling.temperature) == (8, 0.0)
+    assert (syn.execute.pool.batch_size, syn.execute.pool.num_cpus) == (4, 0.25)
+    assert syn.draft.engine.chat_template is False  # the soft-prompt engine stays raw
+    explicit = config_from_dict({"synthesize": {"respond": {"engine": {"chat_template": False}}}})
+    assert explicit.synthesize.respond.engine.chat_template is False  # a key given wins
+    with pytest.raises(ValueError, match="bogus"):
+        config_from_dict({"synthesize": {"respond": {"engine": {"bogus": 1}}}})
