@@ -235,3 +235,15 @@ def test_embed_prompt_is_soft_prefix_then_token_embeddings_in_the_engine_dtype(h
     assert torch.equal(only_soft, soft) and len(seen) == 1  # no ids, no embedding call
     only_ids = hf_engine.embed_prompt(PreparedRequest([7], None, SP()), embed)
     assert only_ids.shape == (1, H) and only_ids[0, 0].item() == 7.5
+
+
+def test_embed_prompt_builds_the_ids_on_the_requested_device(hf_engine):
+    """The HF engine embeds on its model's device: the ids must be made there (meta stands in for a GPU)."""
+    devices = []
+
+    def embed(ids):
+        devices.append(ids.device.type)
+        return torch.zeros(len(ids), H, device=ids.device)
+
+    out = hf_engine.embed_prompt(PreparedRequest([3, 4], torch.ones(1, H), SP()), embed, device="meta")
+    assert devices == ["meta"] and out.device.type == "meta" and out.shape == (3, H)
