@@ -1,4 +1,5 @@
-"""Where a drafted code problem ends (pure Python, no Ray).
+"""Code-problem drafts as text: where a statement ends, what its solution runs with, which lines of
+self-written tests are tests (pure Python, no Ray).
 
 A code-domain draft is a problem statement: a function's signature and its docstring, as in HumanEval
 (DESIGN.md section 1). A small model conditioned on D often writes the statement and then goes on
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-__all__ = ["END_AT", "docstring_end", "cut_draft"]
+__all__ = ["END_AT", "docstring_end", "cut_draft", "statement_imports", "assert_tests"]
 
 END_AT = ("none", "docstring")  # synthesize.draft.end_at
 
@@ -78,3 +79,48 @@ def cut_draft(text: str, finish_reason: Optional[str]) -> tuple[str, Optional[st
         return text, finish_reason, False
     cut = end < len(text)
     return text[:end], "cut" if cut else "stop", cut
+
+
+def statement_imports(draft: Optional[str]) -> str:
+    """The import lines a problem statement opens with (before its first def), e.g. `from typing import
+    List`. A solution is written against the statement, as a HumanEval completion runs after its prompt,
+    so the execute stage runs these lines before the response's code."""
+    text = draft or ""
+    first_def = _DEF.search(text)
+    head = text[:first_def.start()] if first_def else text
+    lines = [ln for ln in head.splitlines() if re.match(r"(?:import|from)\s+[\w.]+", ln)]
+    keep = []
+    for ln in lines:  # only lines Python accepts alone: a truncated or prose line is not an import
+        try:
+            compile(ln, "<statement>", "exec")
+        except (SyntaxError, ValueError):
+            continue
+        keep.append(ln)
+    return "\n".join(keep)
+
+
+def _longest_parsable_prefix(code: str):
+    import ast
+
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):  # an answer cut at max_tokens: drop its unfinished tail
+        try:
+            return ast.parse("\n".join(lines[:end])), "\n".join(lines[:end])
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+    return None, ""
+
+
+def assert_tests(code: Optional[str]) -> str:
+    """The top-level `assert` statements (and imports) of a self-written test answer, in order. A small
+    model asked for asserts often redefines the function first; tests that bring their own copy of
+    the solution would only test themselves, so definitions and other statements are dropped. An
+    answer cut off mid-statement keeps what parses before the cut."""
+    import ast
+
+    tree, source = _longest_parsable_prefix(code or "")
+    if tree is None:
+        return ""
+    kept = [ast.get_source_segment(source, node) for node in tree.body
+            if isinstance(node, (ast.Assert, ast.Import, ast.ImportFrom))]
+    return "\n".join(k for k in kept if k)

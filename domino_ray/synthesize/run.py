@@ -195,6 +195,21 @@ def _resolve_draft_length(cfg: DominoConfig, storage: Storage, inputs: "_Inputs"
     return replace(inputs, draft_max_tokens=value)
 
 
+def _check_few_shot_length(cfg: DominoConfig, inputs: "_Inputs") -> None:
+    """Refuse, on the driver, few-shot prompts that cannot fit the draft engine with a whole draft."""
+    if not inputs.few_shot:
+        return
+    from domino_ray.backbone import load_tokenizer
+    from domino_ray.synthesize.fewshot import check_few_shot_fits
+
+    draft = cfg.synthesize.draft
+    f = inputs.few_shot
+    check_few_shot_fits(load_tokenizer(_draft_model(cfg), cfg.backbone.trust_remote_code), f["references"], f["k"],
+                        f["template"], draft.engine.chat_template,
+                        inputs.draft_max_tokens or draft.sampling.max_tokens or DEFAULT_DRAFT_MAX_TOKENS,
+                        draft.engine.max_model_len)
+
+
 def _draft_model(cfg: DominoConfig) -> str:
     return cfg.synthesize.draft.engine.model or cfg.backbone.model
 
@@ -444,7 +459,7 @@ def build_synthesis_plan(cfg: DominoConfig, todo: list[int], inputs: _Inputs, pa
                       "max_tokens": inputs.draft_max_tokens or syn.draft.sampling.max_tokens or DEFAULT_DRAFT_MAX_TOKENS}
     ds = llm(ds, stages.DraftStage, syn.draft, sampling=draft_sampling, soft_prompt=syn.draft.enabled,
              representation_uri=inputs.representation_uri, prefix=inputs.prefix, baseline_prompt=inputs.baseline_prompt,
-             few_shot=inputs.few_shot)
+             few_shot=inputs.few_shot, end_at=syn.draft.end_at)
     if syn.respond.enabled:
         ds = llm(ds, stages.RespondStage, syn.respond, template=syn.respond.prompt_template)
         if syn.respond.write_tests:
@@ -623,6 +638,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
     storage.check_writable_root(cfg.run.output)
     paths = SynthPaths(cfg.run.output)
     inputs = _resolve_draft_length(cfg, storage, _prepare_inputs(cfg, storage))
+    _check_few_shot_length(cfg, inputs)
     _check_filter_inputs(cfg, storage)
     fingerprint, parts = synthesis_fingerprint(cfg, inputs.representation_sha256)
     old = _claim_output(storage, paths, fingerprint, parts, overwrite)

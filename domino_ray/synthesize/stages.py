@@ -23,6 +23,7 @@ import numpy as np
 
 from domino_ray import schema
 from domino_ray.synthesize import blocks, filters
+from domino_ray.synthesize.drafts import END_AT, assert_tests, cut_draft, statement_imports
 from domino_ray.synthesize.judge import (expected_grade, fill_template, grade_token_ids, judge_verdict,
                                         parse_judge_score, rubric_grades)
 from domino_ray.synthesize.fewshot import few_shot_examples, few_shot_prompt
@@ -167,13 +168,16 @@ class DraftStage(_LLMRole):
     columns = ("draft", "draft_tokens", "draft_finish_reason", "prompt_tokens")
 
     def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", few_shot: Optional[dict] = None,
-                 **kwargs: Any):
+                 end_at: str = "none", **kwargs: Any):
         super().__init__(**kwargs)
+        if end_at not in END_AT:
+            raise ValueError(f"synthesize.draft.end_at must be one of {END_AT}, got {end_at!r}")
         self.soft_prompt = soft_prompt
         self.baseline_prompt = baseline_prompt
         # the few-shot baseline ({"references", "k", "template", "run_seed"}): each seed's prompt is built
         # here from its seed index (fewshot.py), not shipped as a list that grows with N
         self.few_shot = few_shot
+        self.end_at = end_at
 
     def prompt(self, row: dict) -> Optional[str]:
         if self.soft_prompt:
@@ -186,8 +190,10 @@ class DraftStage(_LLMRole):
 
     def take(self, row: dict, answer: dict) -> None:
         row["draft"] = answer.get("draft")
-        row["draft_tokens"] = answer.get("draft_tokens")
+        row["draft_tokens"] = answer.get("draft_tokens")  # tokens generated, the cut-off tail included
         row["draft_finish_reason"] = answer.get("draft_finish_reason")
+        if self.end_at == "docstring" and row["draft"] is not None:
+            row["draft"], row["draft_finish_reason"], _ = cut_draft(row["draft"], row["draft_finish_reason"])
         row["prompt_tokens"] = answer.get("draft_prompt_tokens")
 
     def verdict(self, row: dict, ran: bool) -> str:
@@ -218,8 +224,9 @@ class RespondStage(_LLMRole):
 
 
 class TestsStage(_LLMRole):
-    """Self-written assert tests for each accepted draft (`respond.tests_template`); the code block of
-    the answer becomes the `tests` column that the execute stage runs."""
+    """Self-written assert tests for each accepted draft (`respond.tests_template`); the top-level
+    asserts of the answer's code block (`drafts.assert_tests`) become the `tests` column that the
+    execute stage runs."""
 
     role, output, after = "tests", "tests_raw", "respond"
     inputs = ("draft", "draft_finish_reason", "response")
@@ -229,7 +236,7 @@ class TestsStage(_LLMRole):
         return fill_template(self.options["template"], draft=row.get("draft") or "")
 
     def take(self, row: dict, answer: dict) -> None:
-        row["tests"] = filters.extract_code(answer.get("tests_raw")) or ""
+        row["tests"] = assert_tests(filters.extract_code(answer.get("tests_raw")))
         row["tests_tokens"] = answer.get("tests_raw_tokens")
         row["tests_prompt_tokens"] = answer.get("tests_raw_prompt_tokens")
 
@@ -335,7 +342,9 @@ class ExecuteStage:
             if not tests or not code.strip():
                 r["exec_status"], r["exec_detail"] = "skipped", "no tests" if not tests else "no code"
                 continue
-            verdict = judge_code_and_tests(code, tests, self.cfg)
+            # the statement's imports first (`from typing import List`), as a HumanEval completion runs after its prompt
+            imports = statement_imports(r.get("draft"))
+            verdict = judge_code_and_tests(f"{imports}\n{code}" if imports else code, tests, self.cfg)
             r["exec_status"], r["exec_detail"] = verdict.status, verdict.detail
         counts: dict[str, int] = defaultdict(int)
         for r in rows:

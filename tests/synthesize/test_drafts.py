@@ -8,7 +8,7 @@ import ast
 
 import pytest
 
-from domino_ray.synthesize.drafts import cut_draft, docstring_end
+from domino_ray.synthesize.drafts import assert_tests, cut_draft, docstring_end, statement_imports
 
 
 def _humaneval():
@@ -65,3 +65,22 @@ def test_one_line_docstring_and_closing_quotes_at_the_very_end():
     assert cut_draft(one + "    return x\n", None) == (one, "cut", True)
     ending = 'async def f(x):\n    r"""Raw docstring \\d."""'
     assert cut_draft(ending, "length") == (ending, "stop", False)
+
+
+def test_statement_imports_are_the_import_lines_before_the_first_def():
+    draft = ("from typing import List, Tuple\nimport math\n# helper notes\nfrom broken import (\n\n"
+             "def f(xs: List[int]) -> int:\n    import os\n    \"\"\" doc \"\"\"\n")
+    assert statement_imports(draft) == "from typing import List, Tuple\nimport math"
+    assert statement_imports("def f():\n    import os\n") == ""
+    assert statement_imports(None) == ""
+    assert statement_imports("Importance of lists: write f.") == ""
+
+
+def test_assert_tests_keep_asserts_and_imports_and_drop_a_redefined_solution():
+    answer = ("def add(a, b):\n    return a + b\n\nimport math\nassert add(1, 2) == 3\nprint(add(1, 2))\n"
+              "assert add(\n    2, 2) == 4\nfor i in range(3):\n    assert add(i, 0) == i\nassert add(5, ")
+    # the loop's assert is not top-level; the last assert is cut off mid-call
+    assert assert_tests(answer) == "import math\nassert add(1, 2) == 3\nassert add(\n    2, 2) == 4"
+    assert assert_tests("def f():\n    return 1\n") == ""
+    assert assert_tests("assert (") == ""
+    assert assert_tests(None) == ""

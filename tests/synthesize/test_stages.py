@@ -11,7 +11,7 @@ from domino_ray.synthesize.records import batch_to_rows, read_table
 from domino_ray.synthesize.run import SynthPaths
 from domino_ray.synthesize.stages import (BlockWriter, DraftStage, JudgeStage, RespondStage, RowFilterStage,
                                           expand_blocks)
-from domino_ray.synthesize.verdicts import RejectRules
+from domino_ray.synthesize.verdicts import RejectRules, first_failure
 from tests.synthesize.conftest import make_representation, synth_config
 
 
@@ -119,6 +119,25 @@ def test_execute_stage_runs_response_with_its_tests():
     assert rows[2]["exec_detail"] == "no tests"
 
 
+def test_execute_stage_runs_the_solution_after_the_statements_imports():
+    """A response written against `from typing import List` in the statement (and without the import
+    itself, as HumanEval completions are) runs; it failed with NameError before."""
+    from domino_ray.config import SandboxConfig
+    from domino_ray.synthesize.stages import ExecuteStage
+
+    rules = vars(RejectRules(reject_truncated=False, respond=True, judge=False))
+    stage = ExecuteStage(sandbox_cfg=SandboxConfig(timeout_s=5).model_dump(), run="t", rules=rules)
+    statement = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """ Sum of xs. """\n'
+    code = "```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```"
+    batch = {"draft": np.array([statement, "Sum a list."], dtype=object),
+             "draft_finish_reason": np.array(["cut", "stop"], dtype=object),
+             "response": np.array([code, code], dtype=object),
+             "tests": np.array(["assert total([1, 2]) == 3"] * 2, dtype=object)}
+    rows = batch_to_rows(stage(batch))
+    assert rows[0]["exec_status"] == "passed", rows[0]["exec_detail"]
+    assert rows[1]["exec_status"] != "passed" and "NameError" in rows[1]["exec_detail"]
+
+
 def test_baseline_drafts_without_soft_prompt(tiny_model_dir, references_file, tmp_path):
     cfg = config_from_dict(synth_config(tiny_model_dir, str(tmp_path), references_file, n=4, block=4,
                                         draft={"enabled": False, "sampling": {"max_tokens": 8, "temperature": 0.9}}))
@@ -190,3 +209,22 @@ def test_stage_metrics_reach_the_ray_metrics_endpoint(ray_cluster, setup):
         assert time.time() < deadline, f"metrics of run {run} after 120 s: {got}"
         time.sleep(1)
     assert tokens_in >= 4 * 4 and tokens_out > 0  # P = 4 soft tokens per request count as prompt
+
+
+def test_draft_end_at_docstring_keeps_the_statement_and_passes_the_truncation_check(setup):
+    """A draft that ran to max_tokens after a complete statement is cut there (finish reason `cut`) and
+    is no longer `draft_truncated`; without end_at the same draft is rejected as truncated."""
+    cfg, root = setup
+    statement = 'def add(a: int, b: int) -> int:\n    """ Add two numbers.\n    >>> add(1, 2)\n    3\n    """\n'
+    answer = {"draft": statement + "    return a + b\n\ndef sub(", "draft_tokens": 24,
+              "draft_finish_reason": "length", "draft_prompt_tokens": 4}
+    rules = RejectRules(**{**vars(RejectRules.from_config(cfg.synthesize)), "reject_truncated": True})
+    kwargs = {**common(cfg), **stage_kwargs(cfg, cfg.synthesize.draft), "representation_uri": root, "prefix": ""}
+    cut, plain = {}, {}
+    DraftStage(**kwargs, end_at="docstring").take(cut, answer)
+    DraftStage(**kwargs).take(plain, answer)
+    assert (cut["draft"], cut["draft_finish_reason"], cut["draft_tokens"]) == (statement, "cut", 24)
+    assert first_failure(cut, rules, upto="draft") is None
+    assert plain["draft"] == answer["draft"] and first_failure(plain, rules, upto="draft") == "draft_truncated"
+    with pytest.raises(ValueError, match="end_at"):
+        DraftStage(**kwargs, end_at="eos")
