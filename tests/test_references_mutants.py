@@ -188,3 +188,21 @@ def test_a_tokenizer_without_eos_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ReferenceError) as err:
         load_references(ReferencesConfig(source=str(src)), tok)
     assert str(err.value) == "the backbone tokenizer has no EOS token; samples need one to learn where text ends"
+
+
+def test_reference_split_names_its_source_when_the_holdout_is_too_large(tmp_path):
+    src = write_jsonl(tmp_path / "refs.jsonl", ["a", "b", "c"])
+    with pytest.raises(ReferenceError) as err:
+        read_reference_split(ReferencesConfig(source=str(src), holdout=2))
+    assert str(err.value) == (f"references.holdout=2 leaves 1 of the 3 distinct samples of {src} for learn; at least "
+                              f"2 must stay: lower references.holdout or add references")
+
+
+def test_reference_split_reads_through_the_given_storage(tmp_path, s3_server, s3_bucket):
+    """An S3 source is read with the storage given (its endpoint), not a default one."""
+    from domino_ray.storage import Storage
+
+    write_jsonl(tmp_path / "refs" / "a.jsonl", ["one", "two", "one"])
+    storage = Storage(s3_server)
+    storage.upload_dir(tmp_path / "refs", f"s3://{s3_bucket}/refs")
+    assert read_reference_split(ReferencesConfig(source=f"s3://{s3_bucket}/refs"), storage) == (["one", "two"], [])
