@@ -247,9 +247,13 @@ def finalize_blocks(*, work_uri: str, records_uri: str, num_samples: int, block_
     t1 = time.time()
     from ray.data import ActorPoolStrategy
 
-    read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
+    # from_items, not ray.data.range: a read task holds a whole CPU while the writer actors hold theirs,
+    # and on a 2-CPU node (this task holds 0.25 too) the read then waits forever, "backpressured:
+    # ResourceBudget". The items are one int per block; writers take half a CPU each for the same reason.
+    read = ray.data.from_items([{"id": b} for b in range(total)],
+                               override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
     writers = max(1, min(int(ray.cluster_resources().get("CPU", 1)), -(-total // _BLOCKS_PER_TASK)))
-    out = read.map_batches(_RecordWriter, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
+    out = read.map_batches(_RecordWriter, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=0.5,
                            compute=ActorPoolStrategy(min_size=1, max_size=writers),
                            fn_constructor_kwargs={"work_uri": work_uri, "records_uri": records_uri, "s3_cfg": s3_cfg,
                                                   "num_samples": num_samples, "block_size": block_size,
