@@ -85,7 +85,9 @@ class RssSampler:
         import psutil
 
         self.me, self.period, self._stop = psutil.Process(), period, threading.Event()
-        self.peaks: dict = {}  # pid -> [title, rss, uss]
+        # (pid, title) -> [title, rss, uss]: a worker process is reused by later tasks (and keeps its
+        # heap), so memory is booked to what the process was running when it was sampled
+        self.peaks: dict = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -96,9 +98,7 @@ class RssSampler:
                     if not title.startswith("ray::"):
                         continue
                     mem = p.memory_full_info()
-                    peak = self.peaks.setdefault(p.pid, [title, 0, 0])
-                    if title not in ("ray::IDLE",):
-                        peak[0] = title
+                    peak = self.peaks.setdefault((p.pid, title), [title, 0, 0])
                     peak[1], peak[2] = max(peak[1], mem.rss), max(peak[2], mem.uss)
                 except Exception:  # noqa: BLE001 - a process that ended between listing and reading
                     pass
