@@ -208,13 +208,9 @@ def summarize(table, ks: Sequence[int], num_samples: Optional[int]) -> dict[str,
 def _write_results(storage: Storage, layout: RunLayout, name: str, table, summary: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
-    from domino_ray.storage import is_s3
-
-    uri = layout.eval_results(name)
-    fs, path = storage.filesystem(uri)
-    if not is_s3(uri):
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
+    # atomic: a failed write leaves no truncated results.parquet on S3 (pyarrow's stream publishes one)
+    with storage.open_atomic(layout.eval_results(name)) as f:
+        pq.write_table(table, f)
     storage.write_json(layout.eval_summary(name), summary)
 
 
