@@ -133,6 +133,11 @@ class VLLMEngine(Engine):
             # Host-RAM fraction semantics would reserve most of the machine: size the KV cache directly.
             # CUDA graphs do not exist on CPU and torch.compile adds minutes of startup for little gain.
             kwargs.update(kv_cache_memory_bytes=int(cpu_kv_cache_gb * _GIB), enforce_eager=True)
+            # No chunked prefill on CPU: a request whose prefill is split discards that step's sampled token
+            # and rewinds its seeded generator with set_offset, which CPU generators do not have ("CPU
+            # Generator does not use offset" killed the engine core when many seeded requests were in
+            # flight). Whole prompts need a token budget of at least max_model_len per step.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_model_len, 2048))
         else:
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
         return kwargs

@@ -103,6 +103,22 @@ def test_same_seed_same_output_whatever_the_batch(vllm_engine, soft_prefix):
     assert len(three.completions) == 3 and len({tuple(c.token_ids) for c in three.completions}) == 3
 
 
+def test_seeded_requests_beyond_one_steps_token_budget_are_served_and_stay_seeded(vllm_engine):
+    """More prompt tokens than one scheduler step takes: with chunked prefill vLLM split a prompt, then
+    rewound the request's seeded CPU generator with set_offset, which CPU generators lack, and the engine
+    core died ("CPU Generator does not use offset", seen in the study's evaluation)."""
+    tok = vllm_engine.tokenizer
+    text = "def f(x):\n    return x + 1\n" * 40
+    n_prompt = len(tok(text)["input_ids"])
+    requests = [Req(text=f"# {i}\n" + text) for i in range(12)]
+    assert 12 * n_prompt > 2048 and n_prompt + 8 < 512  # several steps' worth, each prompt fits alone
+    samplings = [SP(temperature=1.0, max_tokens=8, seed=100 + i) for i in range(12)]
+    together = vllm_engine.generate(requests, samplings)
+    assert all(o.completions[0].completion_tokens > 0 for o in together)
+    alone = vllm_engine.generate([requests[11]], samplings[11])[0].completions[0].token_ids
+    assert together[11].completions[0].token_ids == alone
+
+
 def test_shape_dtype_and_length_errors(vllm_engine):
     with pytest.raises(EngineError, match=r"expected \(P, 256\).*got \(4, 128\)"):
         vllm_engine.generate([Req(soft_prefix=torch.zeros(4, 128))], SP(temperature=0.0))
