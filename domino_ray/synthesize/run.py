@@ -700,11 +700,15 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
         "record_blocks_written": counts["record_blocks_written"],
         "rows_generated": gen["rows"],
         "counts": {k: v for k, v in counts.items()
-                   if k not in ("tokens_in", "tokens_out", "finalize_seconds", "record_blocks_written")},
+                   if k not in ("tokens_in", "tokens_out", "finalize_seconds", "record_blocks_written",
+                                "finalize_write_seconds", "peak_rss_mb")},
         "tokens_in": counts["tokens_in"],
         "tokens_out": counts["tokens_out"],
         "generate_seconds": gen["seconds"],
         "finalize_seconds": counts["finalize_seconds"],
+        # measurements of this pass, not counts of the records: they differ between identical runs
+        "finalize_write_seconds": counts.get("finalize_write_seconds"),
+        "finalize_peak_rss_mb": counts.get("peak_rss_mb"),
         "wall_seconds": round(wall, 3),
         "samples_per_second": gen["samples_per_second"],
         "steady_samples_per_second": gen["steady_samples_per_second"],
