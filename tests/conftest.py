@@ -115,3 +115,16 @@ def s3_bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:10]}"
     Storage(s3_server).boto3_client.create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """(storage, root URI): a local folder, and a prefix in a fresh bucket on the loopback S3 server,
+    for tests that must hold on both kinds of storage."""
+    from domino_ray.storage import Storage
+
+    if request.param == "local":
+        return Storage(), str(tmp_path / "store")
+    s3 = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("s3_bucket")
+    return Storage(s3), f"s3://{bucket}/prefix"

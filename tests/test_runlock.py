@@ -22,16 +22,6 @@ from tests.test_multinode import two_node_cluster  # noqa: F401  (a fixture: hea
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["local", "s3"])
-def where(request, tmp_path):
-    """(storage, run root) on local disk or on the loopback S3 server."""
-    if request.param == "local":
-        return Storage(), str(tmp_path / "run")
-    s3 = request.getfixturevalue("s3_server")
-    bucket = request.getfixturevalue("s3_bucket")
-    return Storage(s3), f"s3://{bucket}/runs/r1"
-
-
 class Clock:
     def __init__(self, t: float = 1_000_000.0):
         self.t = t
@@ -40,8 +30,8 @@ class Clock:
         return self.t
 
 
-def test_a_second_job_is_refused_naming_the_holder_and_the_way_out(where):
-    storage, root = where
+def test_a_second_job_is_refused_naming_the_holder_and_the_way_out(store_root):
+    storage, root = store_root
     first = RunLock(storage, root, job_id="ray-job:raysubmit_first").acquire()
     with pytest.raises(RunRootLocked) as e:
         RunLock(storage, root, job_id="ray-job:raysubmit_second").acquire()
@@ -56,8 +46,8 @@ def test_a_second_job_is_refused_naming_the_holder_and_the_way_out(where):
     second.release()
 
 
-def test_a_stale_lease_is_taken_over_and_the_old_holder_can_neither_renew_nor_delete_it(where):
-    storage, root = where
+def test_a_stale_lease_is_taken_over_and_the_old_holder_can_neither_renew_nor_delete_it(store_root):
+    storage, root = store_root
     clock = Clock()
     old = RunLock(storage, root, job_id="old", lease_s=60, clock=clock).acquire()
     clock.t += 59  # still live one second before expiry
@@ -74,8 +64,8 @@ def test_a_stale_lease_is_taken_over_and_the_old_holder_can_neither_renew_nor_de
     assert not storage.exists(f"{root}/.lock")
 
 
-def test_renewing_moves_the_lease_so_a_live_job_is_not_taken_over(where):
-    storage, root = where
+def test_renewing_moves_the_lease_so_a_live_job_is_not_taken_over(store_root):
+    storage, root = store_root
     clock = Clock()
     lock = RunLock(storage, root, job_id="live", lease_s=60, clock=clock).acquire()
     clock.t += 50
@@ -87,8 +77,8 @@ def test_renewing_moves_the_lease_so_a_live_job_is_not_taken_over(where):
     lock.release()
 
 
-def test_break_lock_takes_a_live_lock(where):
-    storage, root = where
+def test_break_lock_takes_a_live_lock(store_root):
+    storage, root = store_root
     RunLock(storage, root, job_id="crashed").acquire()  # never released: its process "died"
     lock = RunLock(storage, root, job_id="rescuer").acquire(break_lock=True)
     assert lock.took_over["job_id"] == "crashed"
@@ -96,8 +86,8 @@ def test_break_lock_takes_a_live_lock(where):
     lock.release()
 
 
-def test_two_jobs_that_find_the_same_stale_lock_cannot_both_take_it(where):
-    storage, root = where
+def test_two_jobs_that_find_the_same_stale_lock_cannot_both_take_it(store_root):
+    storage, root = store_root
     clock = Clock()
     RunLock(storage, root, job_id="dead", lease_s=10, clock=clock).acquire()
     clock.t += 11
@@ -136,8 +126,8 @@ def test_concurrent_acquirers_on_local_disk_exactly_one_wins(tmp_path):
         assert json.loads(Path(root, ".lock").read_text())["job_id"] == won[0]
 
 
-def test_the_heartbeat_renews_the_lease(where):
-    storage, root = where
+def test_the_heartbeat_renews_the_lease(store_root):
+    storage, root = store_root
     lock = RunLock(storage, root, job_id="beating", lease_s=30).acquire()
     first = json.loads(storage.read_text(f"{root}/.lock"))["expires_at"]
     lock.start_heartbeat(every_s=0.05)

@@ -43,18 +43,8 @@ def test_uri_helpers():
 
 
 # --------------------------------------------------------------------------- same ops, both kinds
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    """(storage, root URI) for a local folder and for a fresh bucket on the loopback S3 server."""
-    if request.param == "local":
-        return Storage(), str(tmp_path / "store")
-    s3 = request.getfixturevalue("s3_server")
-    bucket = request.getfixturevalue("s3_bucket")
-    return Storage(s3), f"s3://{bucket}/prefix"
-
-
-def test_read_write_exists_list_delete(root):
-    storage, base = root
+def test_read_write_exists_list_delete(store_root):
+    storage, base = store_root
     storage.check_writable_root(base)
     a, b, c = join_uri(base, "a.txt"), join_uri(base, "sub", "b.json"), join_uri(base, "sub", "deep", "c.bin")
     assert not storage.exists(a)
@@ -77,8 +67,8 @@ def test_read_write_exists_list_delete(root):
         storage.read_bytes(a)
 
 
-def test_upload_and_download_dir(root, tmp_path):
-    storage, base = root
+def test_upload_and_download_dir(store_root, tmp_path):
+    storage, base = store_root
     src = tmp_path / "src"
     (src / "nested").mkdir(parents=True)
     (src / "one.txt").write_text("1")
@@ -90,11 +80,11 @@ def test_upload_and_download_dir(root, tmp_path):
     assert (out / "one.txt").read_text() == "1" and (out / "nested" / "two.bin").read_bytes() == b"\x00\x02"
 
 
-def test_arrow_table_round_trip(root, tmp_path):
+def test_arrow_table_round_trip(store_root, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    storage, base = root
+    storage, base = store_root
     table = pa.table({"text": ["a", "b"], "n": [1, 2]})
     local = tmp_path / "t.parquet"
     pq.write_table(table, local)

@@ -109,7 +109,10 @@ def test_heldout_nll_with_a_prefix_scores_only_the_text(tiny_model_dir):
 
 # ------------------------------------------------------------------------------------ few-shot
 def test_few_shot_prompts_are_seeded_per_draft_and_show_k_examples():
-    from domino_ray.synthesize.fewshot import few_shot_examples, few_shot_prompts
+    from domino_ray.synthesize.fewshot import few_shot_examples, few_shot_prompt
+
+    def few_shot_prompts(texts, k, template, run_seed, num_samples):  # what DraftStage sends, seed by seed
+        return [few_shot_prompt(template, few_shot_examples(texts, k, run_seed, s)) for s in range(num_samples)]
 
     template = "Examples:\n{examples}\nNew one:"
     prompts = few_shot_prompts(TEXTS, 3, template, run_seed=7, num_samples=6)

@@ -30,11 +30,19 @@ __all__ = [
     "EngineError",
     "PreparedRequest",
     "derive_seed",
+    "chat_prompt_ids",
 ]
 
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids every engine sends for a chat prompt: the chat template with the generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template writes its own special tokens (BOS etc.); do not add them twice.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class EngineError(RuntimeError):
@@ -261,9 +269,7 @@ class Engine(abc.ABC):
         if not getattr(tok, "chat_template", None):
             raise EngineError(f"{where}: {self.model_id} has no chat template; send plain text (chat=False) or "
                               f"use an instruct model whose tokenizer defines one")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template writes its own special tokens (BOS etc.); do not add them twice.
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+        return chat_prompt_ids(tok, messages)
 
     def prepare(
         self,

@@ -91,20 +91,24 @@ class VLLMEngine(Engine):
         kwargs = self._describe_model(model, dtype, max_model_len, soft_prompt, enable_prefix_caching,
                                       gpu_memory_utilization, cpu_kv_cache_gb, tensor_parallel_size, seed,
                                       trust_remote_code)  # raises EngineError first when vLLM cannot run
+        self._set_lora(kwargs, lora_path)
+        self._llm = self._start(kwargs)
+        self._load_embedding(trust_remote_code)
+        log.info("%s: %s (%s, %s, prompt_embeds=%s, prefix_caching=%s)%s ready in %.1fs", type(self).__name__,
+                 self.model_id, self.dtype, "cpu" if self.on_cpu else "cuda", self.soft_prompt, enable_prefix_caching,
+                 f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
+
+    def _start(self, kwargs: dict[str, Any]) -> Any:
+        """The vLLM engine object for these arguments (the batch `LLM`; AsyncVLLMEngine: `AsyncLLM`)."""
         from vllm import LLM
 
-        self._set_lora(kwargs, lora_path)
-        self._llm = LLM(**kwargs)
-        self._load_embedding(trust_remote_code)
-        log.info("vllm engine: %s (%s, %s, prompt_embeds=%s, prefix_caching=%s)%s ready in %.1fs", self.model_id,
-                 self.dtype, "cpu" if self.on_cpu else "cuda", self.soft_prompt, enable_prefix_caching,
-                 f" + LoRA {lora_path}" if lora_path else "", time.time() - t0)
+        return LLM(**kwargs)
 
     def _describe_model(self, model: str, dtype: str, max_model_len: int, soft_prompt: bool,
                         enable_prefix_caching: bool, gpu_memory_utilization: float, cpu_kv_cache_gb: float,
                         tensor_parallel_size: int, seed: int, trust_remote_code: bool) -> dict[str, Any]:
         """Set what the engine knows of its model (config, H, signature, tokenizer, dtype) and return the
-        vLLM engine arguments; shared with the service's async engine so both sample the same tokens."""
+        vLLM engine arguments; AsyncVLLMEngine inherits it, so both sample the same tokens."""
         usable, reason = vllm_usable()
         if not usable:
             raise EngineError(f"the vLLM engine cannot run here: {reason}; set engine.kind: hf (or auto)")
@@ -250,25 +254,17 @@ class AsyncVLLMEngine(VLLMEngine):
     kind = "vllm"
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 2048, soft_prompt: bool = True,
-                 enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.85,
-                 cpu_kv_cache_gb: float = 1.0, tensor_parallel_size: int = 1, lora_path: Optional[str] = None,
-                 seed: int = 0, trust_remote_code: bool = False):
-        t0 = time.time()
-        kwargs = self._describe_model(model, dtype, max_model_len, soft_prompt, enable_prefix_caching,
-                                      gpu_memory_utilization, cpu_kv_cache_gb, tensor_parallel_size, seed,
-                                      trust_remote_code)  # raises EngineError first when vLLM cannot run
+                 **options: Any):
+        super().__init__(model, dtype, max_model_len, soft_prompt, **options)
+
+    def _start(self, kwargs: dict[str, Any]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from domino_ray.engines.metrics import vllm_stat_loggers
 
-        self._set_lora(kwargs, lora_path)
         # engine metrics exported through Ray as ray_vllm_* (engines/metrics.py, docs/cluster.md)
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=vllm_stat_loggers())
-        self._load_embedding(trust_remote_code)
-        log.info("async vllm engine: %s (%s, %s, prompt_embeds=%s)%s ready in %.1fs", self.model_id, self.dtype,
-                 "cpu" if self.on_cpu else "cuda", self.soft_prompt, f" + LoRA {lora_path}" if lora_path else "",
-                 time.time() - t0)
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=vllm_stat_loggers())
 
     def generate(self, requests, sampling):  # noqa: D401 - the blocking API does not exist here
         raise EngineError("AsyncVLLMEngine serves requests with `await agenerate(request, sampling)`")

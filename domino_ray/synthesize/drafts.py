@@ -12,6 +12,7 @@ docstring is left as it is.
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Optional
 
@@ -100,8 +101,6 @@ def statement_imports(draft: Optional[str]) -> str:
 
 
 def _longest_parsable_prefix(code: str):
-    import ast
-
     lines = code.splitlines()
     for end in range(len(lines), 0, -1):  # an answer cut at max_tokens: drop its unfinished tail
         try:
@@ -116,8 +115,6 @@ def assert_tests(code: Optional[str]) -> str:
     model asked for asserts often redefines the function first; tests that bring their own copy of
     the solution would only test themselves, so definitions and other statements are dropped. An
     answer cut off mid-statement keeps what parses before the cut."""
-    import ast
-
     tree, source = _longest_parsable_prefix(code or "")
     if tree is None:
         return ""

@@ -13,7 +13,7 @@ import hashlib
 import random
 from typing import Sequence
 
-__all__ = ["few_shot_examples", "few_shot_prompt", "few_shot_prompts", "check_few_shot_fits"]
+__all__ = ["few_shot_examples", "few_shot_prompt", "check_few_shot_fits"]
 
 
 def few_shot_examples(references: Sequence[str], k: int, run_seed: int, seed_index: int) -> list[str]:
@@ -31,27 +31,19 @@ def few_shot_prompt(template: str, examples: Sequence[str]) -> str:
     return template.replace("{examples}", block)
 
 
-def few_shot_prompts(references: Sequence[str], k: int, template: str, run_seed: int, num_samples: int) -> list[str]:
-    """One prompt per seed index 0..num_samples-1 (what DraftStage sends for the few-shot baseline)."""
-    return [few_shot_prompt(template, few_shot_examples(references, k, run_seed, s)) for s in range(num_samples)]
-
-
 def check_few_shot_fits(tokenizer, references: Sequence[str], k: int, template: str, chat: bool, max_tokens: int,
                         max_model_len: int) -> int:
     """The longest few-shot prompt any seed can get (the k longest references), in tokens; raises
     ValueError with the arithmetic when it and `max_tokens` do not fit the draft engine's context, which
     would otherwise turn every such draft into an engine error, late and one row at a time."""
-    def length(text: str) -> int:
+    from domino_ray.engines.base import chat_prompt_ids
+
+    def length(text: str) -> int:  # as the draft engine encodes a plain prompt
         return len(tokenizer(text)["input_ids"])
 
     longest = sorted(references, key=length, reverse=True)[:k]
     prompt = few_shot_prompt(template, longest)
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        tokens = len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    else:
-        tokens = length(prompt)
+    tokens = len(chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])) if chat else length(prompt)
     if tokens + max_tokens > max_model_len:
         raise ValueError(
             f"few-shot drafts: the longest prompt ({k} longest references + template) is {tokens} tokens and a draft "

@@ -284,7 +284,7 @@ def test_few_shot_prompts_are_built_per_seed_by_the_draft_actor(tiny_model_dir, 
     """The few-shot baseline ships its references to the actors once, not one prompt per seed (that list
     grew with N in the driver and in every draft actor); each seed's prompt is the same as before."""
     from domino_ray.references import read_reference_split
-    from domino_ray.synthesize.fewshot import few_shot_prompts
+    from domino_ray.synthesize.fewshot import few_shot_examples, few_shot_prompt
     from domino_ray.synthesize.run import _prepare_inputs
     from domino_ray.synthesize.stages import DraftStage
     from domino_ray.synthesize.verdicts import RejectRules
@@ -302,7 +302,8 @@ def test_few_shot_prompts_are_built_per_seed_by_the_draft_actor(tiny_model_dir, 
                        sampling=syn.draft.sampling.model_dump(), run="t", rules=vars(RejectRules.from_config(syn)),
                        soft_prompt=False, few_shot=large.few_shot)
     train, _ = read_reference_split(cfg.references, Storage())
-    reference = few_shot_prompts(train, 2, syn.draft.few_shot_template, cfg.run.seed, 40)  # the former list
+    reference = [few_shot_prompt(syn.draft.few_shot_template, few_shot_examples(train, 2, cfg.run.seed, s))
+                 for s in range(40)]  # the former list
     for seed in (0, 1, 39):
         assert stage.prompt({"seed_index": seed}) == reference[seed]
     assert stage.prompt({"seed_index": 0}) != stage.prompt({"seed_index": 1})
