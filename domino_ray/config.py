@@ -343,6 +343,7 @@ class FinetuneConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU.")
     merge: bool = Field(False, description="Also write a merged model (base + adapter) that any engine loads.")
     max_failures: int = Field(1, ge=0, description="Worker failures to recover from.")
+    cache_tokenized_mb: float = Field(256.0, ge=0, description="Tokenized training data up to this size (MiB, estimated from the counting pass) is computed once and kept in the Ray object store for every epoch: reading and tokenizing the records again costs seconds of Ray Data start-up per epoch. Larger data streams from the record files each epoch. 0 = always stream.")
 
 
 # ---------------------------------------------------------------------------------------- evaluate

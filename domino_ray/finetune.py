@@ -412,7 +412,9 @@ def training_dataset(cfg: DominoConfig, storage: Storage, base_model: str, token
     """(lazy Ray Dataset of training sequences, counts, data digest) for `finetune.data`.
 
     synthetic: the records stream (read_records -> tokenize_records), after one counting pass
-    (scan_records) that raises NoAcceptedRecords before any training starts. references: the
+    (scan_records) that raises NoAcceptedRecords before any training starts; data up to
+    `finetune.cache_tokenized_mb` is materialized once (object store, not the driver) instead of
+    being read and tokenized again every epoch. references: the
     reference texts, tokenized on the driver (a bounded set) and handed over with from_items.
     """
     import ray
@@ -429,7 +431,17 @@ def training_dataset(cfg: DominoConfig, storage: Storage, base_model: str, token
     stats, digest = scan_records(read_records(files, storage), cfg.run.output, kwargs)
     ds = read_records(files, storage, shuffle_seed=cfg.run.seed).map_batches(
         tokenize_records, fn_kwargs=kwargs, batch_size=_TOKENIZE_BATCH, batch_format="numpy")
+    size_mb = tokenized_size_mb(stats["tokens"])
+    if size_mb <= ft.cache_tokenized_mb:
+        log.info("finetune: %.1f MiB of tokenized sequences <= finetune.cache_tokenized_mb (%g): tokenized once, "
+                 "kept in the object store for every epoch", size_mb, ft.cache_tokenized_mb)
+        ds = ds.materialize()
     return ds, stats, digest
+
+
+def tokenized_size_mb(tokens: int) -> float:
+    """Object-store size of tokenized sequences: input_ids and labels, int64 each."""
+    return tokens * 2 * 8 / 2**20
 
 
 def lr_at(step: int, total_steps: int, base_lr: float) -> float:

@@ -202,27 +202,36 @@ def test_streamed_finetune_without_accepted_records_stops_before_training(ray_cl
         run_finetune(make_cfg(tiny_model_dir, str(tmp_path / "long")))
 
 
-def test_training_dataset_streams_what_the_in_memory_reference_builds(ray_cluster, tiny_model_dir, tmp_path, capsys):
-    """The trainer gets a lazy Ray Dataset that reads Parquet (no records list on the driver); its
-    sequences, counts and digest equal the single-process reference on the same records."""
+@pytest.mark.parametrize("cache", ["stream", "at-the-limit", "just-over"])
+def test_training_dataset_streams_what_the_in_memory_reference_builds(ray_cluster, tiny_model_dir, tmp_path, capsys,
+                                                                      cache):
+    """The trainer gets a Ray Dataset that reads Parquet (no records list on the driver); its
+    sequences, counts and digest equal the single-process reference on the same records. Data up to
+    finetune.cache_tokenized_mb (input_ids + labels, 8 bytes a token each) is materialized once;
+    above it, and with 0, every epoch reads and tokenizes the records again."""
     import ray
+    from ray.data.dataset import MaterializedDataset
 
     from domino_ray.backbone import load_tokenizer
 
     storage = Storage()
     out = str(tmp_path / "run")
     write_records(storage, out, toy_pairs(12), rejected=3)
-    cfg = make_cfg(tiny_model_dir, out)
     tok = load_tokenizer(str(tiny_model_dir))
+    records = load_accepted_records(out, storage)
+    seqs, expected = build_sequences(records, tok, make_cfg(tiny_model_dir, out).finetune)
+    size_mb = sum(2 * 8 * len(s.input_ids) for s in seqs) / 2**20  # by hand, from the reference
+    limit = {"stream": 0.0, "at-the-limit": size_mb, "just-over": size_mb * (1 - 1e-9)}[cache]
+    cfg = make_cfg(tiny_model_dir, out, cache_tokenized_mb=limit)
     ds, stats, digest = training_dataset(cfg, storage, str(tiny_model_dir), tok)
     assert isinstance(ds, ray.data.Dataset)
-    capsys.readouterr()
-    ds.explain()  # prints the logical plan: a Parquet read, then the tokenizing map
-    plan = capsys.readouterr().out.split("Logical Plan (Optimized)")[0]
-    assert "ReadFilesParquet" in plan and "Project" in plan and "tokenize_records" in plan and "FromItems" not in plan
+    assert isinstance(ds, MaterializedDataset) == (cache == "at-the-limit")
+    if cache != "at-the-limit":
+        capsys.readouterr()
+        ds.explain()  # prints the logical plan: a Parquet read, then the tokenizing map
+        plan = capsys.readouterr().out.split("Logical Plan (Optimized)")[0]
+        assert "ReadFilesParquet" in plan and "Project" in plan and "tokenize_records" in plan and "FromItems" not in plan
 
-    records = load_accepted_records(out, storage)
-    seqs, expected = build_sequences(records, tok, cfg.finetune)
     assert {k: stats[k] for k in expected} == expected and stats["records"] == 12
     assert digest == f"{record_digest((r['id'], r['draft'], r['response']) for r in records):064x}"
     got = sorted((tuple(r["input_ids"]), tuple(r["labels"])) for r in ds.take_all())
