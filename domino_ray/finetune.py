@@ -433,7 +433,7 @@ def training_dataset(cfg: DominoConfig, storage: Storage, base_model: str, token
         tokenize_records, fn_kwargs=kwargs, batch_size=_TOKENIZE_BATCH, batch_format="numpy")
     size_mb = tokenized_size_mb(stats["tokens"])
     if size_mb <= ft.cache_tokenized_mb:
-        log.info("finetune: %.1f MiB of tokenized sequences <= finetune.cache_tokenized_mb (%g): tokenized once, "
+        log.info("finetune: %.2f MiB of tokenized sequences <= finetune.cache_tokenized_mb (%g): tokenized once, "
                  "kept in the object store for every epoch", size_mb, ft.cache_tokenized_mb)
         ds = ds.materialize()
     return ds, stats, digest

@@ -21,6 +21,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # torch's OpenMP threads spin while waiting by default; with Ray actors, vLLM and torch sharing 2 cores
 # that made HF generation 10-30x slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray Train's controller takes workers' reports every 2 s by default and every checkpointed report
+# waits for it, as does the end of a run: tiny test runs spent most of their time there. The driver
+# hands the setting to the controller and its workers (ray.train.v2 ENV_VARS_TO_PROPAGATE).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DOMINO_TEST_CACHE", REPO / ".cache"))

@@ -343,7 +343,7 @@ def test_reference_sft_trains_on_the_training_references_only(ray_cluster, tiny_
 
 
 @pytest.mark.slow
-def test_lora_sft_two_workers_lowers_loss_and_both_engines_load_the_adapter(ray_cluster, tiny_model_dir, tmp_path):
+def test_lora_sft_two_workers_lowers_loss_and_the_adapter_and_merged_model_generate_alike(ray_cluster, tiny_model_dir, tmp_path):
     from domino_ray.config import BackboneConfig, EngineConfig
     from domino_ray.engines import build_engine
     from domino_ray.manifest import RunManifest
@@ -371,10 +371,8 @@ def test_lora_sft_two_workers_lowers_loss_and_both_engines_load_the_adapter(ray_
     base_out, tuned_out, merged_out = greedy(base, prompts), greedy(tuned, prompts), greedy(merged, prompts)
     for e in (base, tuned, merged):
         e.shutdown()
-    vllm = build_engine(EngineConfig(kind="vllm", lora_path=str(adapter), cpu_kv_cache_gb=0.25, max_model_len=256), backbone)
-    vllm_out = greedy(vllm, prompts)
-    vllm.shutdown()
-    assert vllm_out == tuned_out  # the vLLM engine applies the same adapter (enable_lora) to the same effect
+    # (vLLM applies an adapter in this layout -- peft files + tokenizer -- as transformers does:
+    # tests/engines/test_vllm.py::test_lora_adapter_matches_transformers_and_shutdown_ends_the_engine_core)
     assert tuned_out != base_out
     # every training response opens with a ``` fence; after SFT the greedy answer does too, before it none did.
     # (The 2-layer model only learns the surface of the task: it does not write correct add_N functions.)

@@ -30,12 +30,6 @@ def references(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def fast_train_polls(monkeypatch):
-    # Ray Train's controller takes reports every 2 s by default; each epoch's checkpoint waits for it.
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 def _config(output: str, refs: Path, model: Path, s3=None, **learn):
     data = {
         "preset": "tiny",
@@ -77,7 +71,7 @@ def test_checkpoints_of_another_setup_are_refused(tmp_path, references, tiny_mod
 
 
 @pytest.mark.slow
-def test_two_workers_learn_and_recover_from_a_worker_failure(ray_cluster, fast_train_polls, tmp_path, references,
+def test_two_workers_learn_and_recover_from_a_worker_failure(ray_cluster, tmp_path, references,
                                                              tiny_model_dir, monkeypatch):
     from domino_ray.learn import FAULT_ENV
 
@@ -114,7 +108,7 @@ def test_two_workers_learn_and_recover_from_a_worker_failure(ray_cluster, fast_t
 
 
 @pytest.mark.slow
-def test_s3_run_then_rerun_resumes_and_stops_on_nan(ray_cluster, fast_train_polls, s3_server, s3_bucket, references,
+def test_s3_run_then_rerun_resumes_and_stops_on_nan(ray_cluster, s3_server, s3_bucket, references,
                                                      tiny_model_dir):
     run = f"s3://{s3_bucket}/runs/learn-s3"
     storage = Storage(s3_server)
@@ -207,7 +201,7 @@ def _reference_learn(cfg, world: int, share_gradient: bool = True):
 
 
 @pytest.mark.slow
-def test_two_workers_learn_the_same_D_as_one_process_on_the_same_batches(ray_cluster, fast_train_polls, tmp_path,
+def test_two_workers_learn_the_same_D_as_one_process_on_the_same_batches(ray_cluster, tmp_path,
                                                                         references, tiny_model_dir):
     cfg = _config(str(tmp_path / "run"), references, tiny_model_dir, epochs=2, lr=0.02)
     run_learn(cfg)

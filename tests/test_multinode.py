@@ -1,8 +1,8 @@
 """A local multi-node rehearsal of the cluster path: a Ray head and a second worker node, each started
 with `ray start --block` (own ports, own temp dir, the worker on loopback address 127.0.0.2, stopped
 by PID), the worker alone offering the `sandbox` resource as the KubeRay `cpu` group does, and a
-driver on the head running a synthesis with the execute stage and then the whole pipeline (tiny
-model, LoRA merge, sandboxed evaluation) against S3 run roots on loopback (moto). It shows that every actor that ran untrusted code sat on the worker
+driver on the head running the whole pipeline (tiny model, self-written tests executed in the
+sandbox, LoRA merge, sandboxed evaluation) against S3 run roots on loopback (moto). It shows that every actor that ran untrusted code sat on the worker
 while other actors used the head, that the merge ran in a Ray worker process, and that the driver
 never built a model (no transformers model class, no peft in its modules) and stayed small."""
 
@@ -34,7 +34,7 @@ from domino_ray.cli import main
 
 # synthesis with the execute stage (its sandboxed tests reject every tiny-model response, so it runs
 # alone), then the pipeline: learn, synthesis, finetune + merge, evaluation (sandboxed verdicts)
-rc = main(["synthesize", "--config", sys.argv[1]]) or main(["run", "--config", sys.argv[2]])
+rc = main(["run", "--config", sys.argv[1]])
 import ray
 from ray._private import state
 from ray.core.generated import gcs_pb2
@@ -195,17 +195,13 @@ def test_two_node_rehearsal_keeps_untrusted_code_on_the_sandbox_node_and_models_
     data["finetune"]["merge"] = True                        # the merge task, off the driver
     data["evaluate"].update(benchmark="humaneval:100:102", compare_base=False)
     data["report"] = {"enabled": False}  # its embedding pass still loads the backbone in the driver (see report)
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(yaml.safe_dump(data))
-    data["run"] = {"name": "rehearsal-exec", "output": f"s3://{s3_bucket}/runs/rehearsal-exec"}
-    data["synthesize"]["draft"]["enabled"] = False          # drafts without D: this run has no learn stage
     data["synthesize"]["respond"]["write_tests"] = True     # so the execute stage runs untrusted code
     data["synthesize"]["execute"] = {"enabled": True}
-    execute = tmp_path / "execute.yaml"
-    execute.write_text(yaml.safe_dump(data))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(data))
 
     driver_env = {**env, "RAY_ADDRESS": address, "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(execute), str(pipeline)], cwd=REPO, env=driver_env,
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(pipeline)], cwd=REPO, env=driver_env,
                           capture_output=True, text=True, timeout=1500)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("REHEARSAL ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-6000:]

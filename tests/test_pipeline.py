@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -15,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -174,6 +174,11 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_skips_everything(ra
     cfg_path = tmp_path / "tiny.yaml"
     data = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
     data["backbone"] = {"model": str(tiny_model_dir)}
+    # The job path (working-dir upload, entry point, Ray Train and Ray Data inside a job) and the
+    # resubmission; the whole pipeline on a cluster, finetune and evaluate included, is
+    # tests/test_multinode.py's, and the summary's pass@k lines are tests/test_summary.py's.
+    for stage in ("finetune", "evaluate", "report"):
+        data.setdefault(stage, {})["enabled"] = False
     cfg_path.write_text(yaml.safe_dump(data))
     ray_bin = str(Path(sys.executable).with_name("ray"))
 
@@ -189,22 +194,17 @@ def test_ray_job_submit_runs_the_pipeline_and_a_resubmission_skips_everything(ra
         return logs
 
     logs = submit("domino-first")
-    assert "on humaneval:100:104 (4 problems):" in logs  # the summary's pass@k block, base and fine-tuned
-    assert re.search(r"pass@1\s+base \d\.\d{3}  fine-tuned \d\.\d{3}  delta [+-]\d\.\d{3}", logs), logs[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())["stages"]
     pipeline = manifest["pipeline"]
     assert pipeline["status"] == "completed"
+    assert list(pipeline["stages"]) == ["learn", "synthesize"]
     assert {s["status"] for s in pipeline["stages"].values()} == {"ran"}
-    assert set(pipeline["pass_at_1"]) == {"base", "finetuned", "delta"}
-    for stage in ("learn", "synthesize", "finetune"):
+    for stage in ("learn", "synthesize"):
         assert manifest[stage]["status"] == "completed"
     assert (out / "representation" / "domain.safetensors").exists()
-    assert list((out / "synth" / "records").glob("*.parquet"))
-    assert (out / "finetune" / "adapter" / "adapter_config.json").exists()
-    for name in ("base", "finetuned"):
-        summary = json.loads((out / "eval" / name / "summary.json").read_text())
-        assert summary["num_problems"] == 4
-    assert list((out / "report").iterdir())
+    records = sum(pq.read_metadata(f).num_rows for f in (out / "synth" / "records").glob("*.parquet"))
+    assert records == data["synthesize"]["num_samples"], logs[-3000:]
+    assert not (out / "finetune").exists() and not (out / "eval").exists()
 
     logs = submit("domino-again")
     pipeline = json.loads((out / "manifest.json").read_text())["stages"]["pipeline"]

@@ -324,8 +324,6 @@ def test_report_of_a_missing_run_fails_naming_it(tmp_path):
 @pytest.fixture(scope="module")
 def real_tiny_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Path:
     """learn (Ray Train, 1 worker) then synthesize (Ray Data, transformers drafts) on the tiny backbone."""
-    import os
-
     from domino_ray.learn import run_learn
     from domino_ray.synthesize import run_synthesize
 
@@ -353,16 +351,7 @@ def real_tiny_run(ray_cluster, tiny_model_dir, tmp_path_factory) -> Path:
         },
         "report": {"heldout": str(heldout), "max_samples": 50},
     })
-    # Ray Train's controller polls reports every 2 s by default; each report waits for a poll.
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
-    try:
-        run_learn(cfg)
-    finally:
-        if old is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+    run_learn(cfg)  # (tests/conftest.py shortens Ray Train's report polls)
     run_synthesize(cfg)
     return root
 

@@ -185,15 +185,17 @@ def test_every_arm_shares_references_seeds_and_budgets_and_differs_only_where_it
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_reduced_study_end_to_end(tiny_model_dir, tmp_path, ray_cluster):
-    """Base + three arms that cover every code path (learn and the soft prompt; few-shot prompts,
-    i.e. drafts without D; SFT on the references alone), tiny budgets; then a re-run skips it all."""
+    """Base + the two arms whose paths differ (learn, the soft prompt and SFT on synthetic records;
+    SFT on the references alone), tiny budgets; then a re-run skips it all. The few-shot arm's drafts
+    (prompts built per seed in the draft actor, no D) are tests/synthesize/test_run.py's
+    test_few_shot_prompts_are_built_per_seed_by_the_draft_actor, its config the test above."""
     from domino_ray.evaluate.nll import encode_heldout, heldout_texts
     from domino_ray.study import run_study
 
     cfg = study_cfg(tiny_model_dir, str(tmp_path / "study"),
                     # the tiny model is no instruct model: in a chat it answers nothing, so it continues plain text
-                    study={"arms": ["domino", "few-shot", "reference-sft"], "few_shot_k": 2, "few_shot_chat": False},
-                    synthesize={"num_samples": 4, "block_size": 4,  # few-shot prompts are ~400 tiny-model tokens
+                    study={"arms": ["domino", "reference-sft"]},
+                    synthesize={"num_samples": 4, "block_size": 4,
                                 "draft": {"engine": {"kind": "hf", "max_model_len": 768}, "pool": {"batch_size": 4},
                                           "sampling": {"max_tokens": 24}, "reject_truncated": False}},
                     finetune={"lr": 5e-3},
@@ -201,10 +203,9 @@ def test_reduced_study_end_to_end(tiny_model_dir, tmp_path, ray_cluster):
                               "sampling": {"temperature": 0.8, "max_tokens": 16}})
     out = run_study(cfg, print_summary=False)
     runs = out["runs"]
-    assert list(runs) == ["base", "domino", "few-shot", "reference-sft"]
+    assert list(runs) == ["base", "domino", "reference-sft"]
     assert all(r["status"] == "completed" for r in runs.values()), {k: r.get("error") for k, r in runs.items()}
-    for arm in ("domino", "few-shot"):
-        assert runs[arm]["records"] == 4 and runs[arm]["accepted"] is not None
+    assert runs["domino"]["records"] == 4 and runs["domino"]["accepted"] is not None
     assert runs["reference-sft"]["records"] is None and runs["reference-sft"]["finetune_examples"] == 8
 
     # the held-out NLL the study reports, recomputed by hand: base, and base + reference-SFT adapter
@@ -237,11 +238,11 @@ def test_reduced_study_end_to_end(tiny_model_dir, tmp_path, ray_cluster):
     assert (tmp_path / "study" / "report" / "study.png").stat().st_size > 1000
     table = md.split("## Study: every arm, every metric", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in table.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["base model", "domino", "few-shot", "reference-sft",
+    assert [line.split(" | ")[0].strip("| ") for line in lines[1:]] == ["base model", "domino", "reference-sft",
                                                                         "held-out (real)"]
-    assert f"{runs['base']['heldout_nll']:.3f}" in lines[1] and f"{runs['reference-sft']['heldout_nll']:.3f}" in lines[4]
+    assert f"{runs['base']['heldout_nll']:.3f}" in lines[1] and f"{runs['reference-sft']['heldout_nll']:.3f}" in lines[3]
     assert "MMD²" in lines[0] and "8-gram overlap" in lines[0] and "pass@2" in lines[0]
-    assert all(arm in html for arm in ("domino", "few-shot", "reference-sft")) and "data:image/png;base64," in html
+    assert all(arm in html for arm in ("domino", "reference-sft")) and "data:image/png;base64," in html
 
     again = run_study(cfg, print_summary=False, report=False)  # every arm reuses what it finished
     assert all(info["status"] == "skipped" for r in again["runs"].values() for info in r["stages"].values())

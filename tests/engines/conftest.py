@@ -49,19 +49,23 @@ def representation(tmp_path, hf_engine, soft_prefix):
 @pytest.fixture(scope="session")
 def lora_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """A peft LoRA adapter on the tiny model with random non-zero lora_B (peft initialises B to zero,
-    which would leave generations unchanged)."""
+    which would leave generations unchanged), in the layout finetune's export writes: the default
+    target modules (config.LoraConfig), the peft files and the tokenizer beside them."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domino_ray.config import LoraConfig as FinetuneLora
 
     out = tmp_path_factory.mktemp("lora-adapter")
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                                                  target_modules=FinetuneLora().target_modules))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=gen))
     peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(out)
     return out

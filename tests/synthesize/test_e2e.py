@@ -101,7 +101,7 @@ def test_transformers_pipeline_on_s3(ray_cluster, tiny_model_dir, references_fil
 def test_vllm_drafts_and_export(ray_cluster, tiny_model_dir, references_file, tmp_path):
     root = str(tmp_path / "run")
     make_representation(tiny_model_dir, root)
-    raw = synth_config(tiny_model_dir, root, references_file, n=16, block=8, actors=2, draft_kind="vllm", name="vl",
+    raw = synth_config(tiny_model_dir, root, references_file, n=16, block=8, actors=1, draft_kind="vllm", name="vl",
                        judge={"enabled": False}, filter={"syntax": False, "decontaminate": ["humaneval:0:20"]})
     summary = run_synthesize(config_from_dict(raw))
     df = pq.read_table(os.path.join(root, "synth", "records")).to_pandas()
