@@ -7,9 +7,10 @@
 
 Every step but the resolution is partitioned, and the resolution sees only the edges of the match
 graph (a few dozen bytes per duplicate), so no task holds state that grows with N: a band-row
-partition holds `_ROWS_PER_PARTITION` rows whatever N, a verify group one block's pairs, a writer one
-block. `filters.resolve_duplicates` gives exactly the sequential `filters.Deduplicator`'s answer
-(filters.py says why; tests/synthesize/test_finalize.py compares the two on planted clusters).
+partition holds `_ROWS_PER_PARTITION` rows whatever N (and a shuffle's map task at most
+`_SHUFFLE_INPUT_BATCH_BYTES` of input), a verify group one block's pairs, a writer one block.
+`filters.resolve_duplicates` gives exactly the sequential `filters.Deduplicator`'s answer (filters.py
+says why; tests/synthesize/test_finalize.py compares the two on planted clusters).
 
 A sample's verdict depends only on lower seeds, so the records of a prefix of seeds never change when
 later blocks arrive, and the pass is deterministic: a re-run writes only the record blocks that are
@@ -38,7 +39,10 @@ __all__ = ["finalize_blocks"]
 
 log = logging.getLogger(__name__)
 
-_ROWS_PER_PARTITION = 1_000_000  # band rows per group-by partition: ~40 MB of int64 columns
+_ROWS_PER_PARTITION = 250_000  # band rows per group-by partition (~10 MB of int64 columns): a reduce task's share
+# Ray Data batches a shuffle's input up to 1 GiB (DataContext.shuffle_input_batch_bytes) before it
+# partitions it: at 1M samples that map task held every band row (1.2 GB peak). Bounded batches keep it flat.
+_SHUFFLE_INPUT_BATCH_BYTES = 64 * 2**20
 _BLOCKS_PER_TASK = 8  # work blocks read by one band-key or writer task
 # the columns the dedup eligibility needs (checks before `duplicate`), plus the dedup inputs
 _DEDUP_COLUMNS = ("seed_index", "draft", "draft_finish_reason", "response", "judge_score", "exec_status",
@@ -146,6 +150,8 @@ def _duplicates(total: int, *, work_uri: str, s3_cfg: Optional[dict], num_sample
     """(seeds, duplicate_of) over all N rows, sorted by seed, and a few counts."""
     import ray
 
+    # this task's own context (finalize runs in a Ray task): every dataset below is built with it
+    ray.data.DataContext.get_current().shuffle_input_batch_bytes = _SHUFFLE_INPUT_BATCH_BYTES
     nb = len(filters.lsh_bands(threshold, num_perm))
     partitions = max(1, -(-num_samples * nb // _ROWS_PER_PARTITION))
     read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))

@@ -210,8 +210,15 @@ def brute_force_duplicates(rows, threshold, num_perm):
     return out
 
 
-def test_distributed_dedup_equals_the_sequential_pass_on_planted_clusters(tmp_path, ray_cluster):
+@pytest.mark.parametrize("rows_per_partition", [None, 16])
+def test_distributed_dedup_equals_the_sequential_pass_on_planted_clusters(tmp_path, ray_cluster, monkeypatch,
+                                                                         rows_per_partition):
     # (the lowest of two kept matches is test_a_draft_matching_two_kept_seeds_points_at_the_lowest, at 0.3)
+    # 16 band rows per partition: the band rows of 60 samples spread over dozens of group-by partitions
+    from domino_ray.synthesize import finalize
+
+    if rows_per_partition:
+        monkeypatch.setattr(finalize, "_ROWS_PER_PARTITION", rows_per_partition)
     n, bs, num_perm, threshold = 60, 8, 128, 0.5
     drafts = planted_drafts(n)
     rows = [work_row(s, d, block=blocks.block_of(s, bs), minhash=filters.minhash_signature(d, num_perm, 5))
@@ -223,6 +230,8 @@ def test_distributed_dedup_equals_the_sequential_pass_on_planted_clusters(tmp_pa
         write_table(storage, join_uri(root, "work", blocks.block_name(b)),
                     rows_to_table([r for r in rows if r["block"] == b], schema.SYNTH_WORK_SCHEMA))
     counts = run(storage, root, num_samples=n, block_size=bs, dedup={"threshold": threshold, "num_perm": num_perm})
+    bands = len(filters.lsh_bands(threshold, num_perm))
+    assert counts["dedup_partitions"] == (-(-n * bands // rows_per_partition) if rows_per_partition else 1)
     got = {r["seed_index"]: r["duplicate_of"] for r in read_records(storage, root) if r["duplicate_of"] is not None}
     # reference 1: today's sequential pass (datasketch's LSH index, one process)
     dd, sequential = filters.Deduplicator(threshold, num_perm), {}
