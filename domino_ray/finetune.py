@@ -274,12 +274,15 @@ def format_example(tokenizer, draft: str, response: str, max_length: int, chat: 
     """Tokenize one (draft, response) pair; None when the prompt leaves no room for the response.
 
     The prompt and the response are tokenized separately, so the boundary is exact: every prompt
-    token (chat markup included) gets IGNORE_INDEX and every response token is a target. With
+    token (chat markup, or a plain prompt's leading BOS, included) gets IGNORE_INDEX and every
+    response token is a target. With
     `chat` the response carries the template's end-of-turn markup, so the model learns to stop;
     without it the response ends with EOS.
     """
     prompt_text, full_text = _render(tokenizer, draft, response, chat)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if not chat:  # a plain prompt starts as the engines start one (a Llama-style BOS); a chat template has its own
+        prompt_ids = _leading_specials(tokenizer, prompt_text, prompt_ids) + prompt_ids
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     if not chat and tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
@@ -289,6 +292,18 @@ def format_example(tokenizer, draft: str, response: str, max_length: int, chat: 
     response_ids = response_ids[:room]  # keep the prompt whole; cut the response tail
     return SFTExample(input_ids=prompt_ids + response_ids,
                       labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids)
+
+
+def _leading_specials(tokenizer, text: str, plain_ids: list[int]) -> list[int]:
+    """The special tokens the tokenizer puts before `text` (`plain_ids`, its ids without specials):
+    a BOS for Llama-style tokenizers, nothing for Qwen2.5 or SmolLM2. Engine.encode_request gives a
+    plain prompt these, so a model fine-tuned on plain-format pairs sees them in training too; a
+    special token added after the text (an EOS) is not taken."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    for k in range(len(ids) - len(plain_ids) + 1):
+        if ids[k:k + len(plain_ids)] == plain_ids:
+            return list(ids[:k])
+    return []
 
 
 def _render(tokenizer, draft: str, response: str, chat: bool) -> tuple[str, str]:

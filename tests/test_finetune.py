@@ -202,13 +202,13 @@ def test_streamed_finetune_without_accepted_records_stops_before_training(ray_cl
         run_finetune(make_cfg(tiny_model_dir, str(tmp_path / "long")))
 
 
-@pytest.mark.parametrize("cache", ["stream", "at-the-limit", "just-over"])
+@pytest.mark.parametrize("cache", ["at-the-limit", "just-over"])
 def test_training_dataset_streams_what_the_in_memory_reference_builds(ray_cluster, tiny_model_dir, tmp_path, capsys,
                                                                       cache):
     """The trainer gets a Ray Dataset that reads Parquet (no records list on the driver); its
     sequences, counts and digest equal the single-process reference on the same records. Data up to
     finetune.cache_tokenized_mb (input_ids + labels, 8 bytes a token each) is materialized once;
-    above it, and with 0, every epoch reads and tokenizes the records again."""
+    above it (0 = always) every epoch reads and tokenizes the records again."""
     import ray
     from ray.data.dataset import MaterializedDataset
 
@@ -221,7 +221,7 @@ def test_training_dataset_streams_what_the_in_memory_reference_builds(ray_cluste
     records = load_accepted_records(out, storage)
     seqs, expected = build_sequences(records, tok, make_cfg(tiny_model_dir, out).finetune)
     size_mb = sum(2 * 8 * len(s.input_ids) for s in seqs) / 2**20  # by hand, from the reference
-    limit = {"stream": 0.0, "at-the-limit": size_mb, "just-over": size_mb * (1 - 1e-9)}[cache]
+    limit = {"at-the-limit": size_mb, "just-over": size_mb * (1 - 1e-9)}[cache]
     cfg = make_cfg(tiny_model_dir, out, cache_tokenized_mb=limit)
     ds, stats, digest = training_dataset(cfg, storage, str(tiny_model_dir), tok)
     assert isinstance(ds, ray.data.Dataset)

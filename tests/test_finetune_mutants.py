@@ -143,3 +143,26 @@ def test_no_bos_inside_the_sequence_with_a_tokenizer_that_adds_one(tok):
         assert tok.bos_token_id not in targets[:-1]  # the tiny BOS is also its EOS: only the plain ending may be it
         body = _ids(tok, RESPONSE)
         assert targets[:len(body)] == body
+
+
+def test_a_plain_prompt_starts_with_the_bos_the_engines_give_it(tok):
+    """With a BOS-adding tokenizer, a plain-format sequence opens with [BOS] + the prompt, as the
+    engines encode a plain prompt (Engine.encode_request, add_special_tokens=True), and the BOS is not a
+    target; an EOS that a tokenizer appends after a text is not taken into the prompt; the chat format
+    keeps what its template renders."""
+    from tokenizers.processors import TemplateProcessing
+
+    prompt = DRAFT.rstrip() + "\n\n"
+    plain = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=False)
+    assert plain.input_ids[:len(_ids(tok, prompt))] == _ids(tok, prompt)  # this tokenizer adds nothing
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)])
+    ex = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=False)
+    assert ex.input_ids[:1 + len(_ids(tok, prompt))] == [bos] + _ids(tok, prompt)
+    assert ex.labels[:1 + len(_ids(tok, prompt))] == [IGNORE_INDEX] * (1 + len(_ids(tok, prompt)))
+    assert ex.input_ids[1:] == plain.input_ids and ex.labels[1:] == plain.labels  # one token more, in front
+    chat = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=True)
+    tok._tokenizer.post_processor = TemplateProcessing(single="$A " + tok.eos_token,
+                                                       special_tokens=[(tok.eos_token, tok.eos_token_id)])
+    assert format_example(tok, DRAFT, RESPONSE, max_length=512, chat=False) == plain
+    assert format_example(tok, DRAFT, RESPONSE, max_length=512, chat=True) == chat
