@@ -10,8 +10,8 @@ import pytest
 
 from domino_ray.synthesize import filters
 
-# exact keys as their two 64-bit words (filters.key_words): one pair per distinct text
-A, B, C, D, E, F, G = ((k, k) for k in range(1, 8))
+# exact keys as their two 64-bit words (filters.key_words); D, E and F share the first word
+A, B, C, D, E, F, G = (1, 1), (2, 2), (3, 3), (4, 4), (4, 5), (4, 6), (7, 7)
 
 
 def _rows(rows):
@@ -26,9 +26,12 @@ def _rows(rows):
 ROWS = [
     (100, 0, A, 9), (100, 0, A, 5), (200, 1, A, 5), (200, 1, A, 9),
     (101, 0, B, 2), (102, 0, C, 7), (201, 1, B, 2), (201, 1, C, 7),  # 2 and 7 share band 1 only
-    (103, 0, D, 3), (103, 0, F, 8), (103, 0, E, 4), (103, 0, D, 10),  # three distinct keys in one bucket
+    (99, 0, D, 3), (99, 0, F, 8), (99, 0, E, 4), (99, 0, D, 10),  # three distinct keys in the first bucket
     (300, 1, D, 3), (301, 1, F, 8), (302, 1, E, 4), (300, 1, D, 10),
     (104, 0, G, 6), (202, 1, G, 6),                                   # alone everywhere
+    # a third band: copies share every band, distinct texts none
+    (400, 2, A, 5), (400, 2, A, 9), (401, 2, B, 2), (402, 2, C, 7), (403, 2, D, 3), (403, 2, D, 10),
+    (404, 2, E, 4), (405, 2, F, 8), (406, 2, G, 6),
 ]
 
 
@@ -45,8 +48,8 @@ def test_bucket_pairs_are_copy_aliases_once_and_all_pairs_of_distinct_keys_per_b
 
 def test_bucket_pairs_of_no_rows_and_the_collapsing_bucket_guard():
     empty = filters.bucket_pairs(*(np.zeros(0, dtype=np.int64) for _ in range(5)))
-    assert [len(a) for a in empty] == [0, 0, 0]
-    filters.bucket_pairs(*_rows(ROWS), max_bucket=3)  # bucket 103 holds exactly 3 distinct drafts
+    assert [(len(a), a.dtype) for a in empty] == [(0, np.int64), (0, np.int64), (0, bool)]
+    filters.bucket_pairs(*_rows(ROWS), max_bucket=3)  # bucket 99 holds exactly 3 distinct drafts
     with pytest.raises(ValueError, match=r"holds 3 distinct drafts \(seeds 3\.\."):
         filters.bucket_pairs(*_rows(ROWS), max_bucket=2)
 
@@ -78,10 +81,18 @@ def test_resolve_duplicates_is_greedy_against_kept_seeds_in_seed_order():
     i, j, alias = (np.asarray(c) for c in zip(*edges))
     seeds, dup_of = filters.resolve_duplicates(i.astype(np.int64), j.astype(np.int64), alias.astype(bool))
     assert seeds.tolist() == [2, 4, 5, 6, 7] and dup_of.tolist() == [1, 1, 1, 1, 3]
-    assert [len(a) for a in filters.resolve_duplicates(*(np.zeros(0, dtype=np.int64) for _ in range(2)),
-                                                       np.zeros(0, dtype=bool))] == [0, 0]
-    with pytest.raises(ValueError, match="i < j"):
+    assert seeds.dtype == dup_of.dtype == np.int64
+    empty = filters.resolve_duplicates(*(np.zeros(0, dtype=np.int64) for _ in range(2)), np.zeros(0, dtype=bool))
+    assert [(len(a), a.dtype) for a in empty] == [(0, np.int64), (0, np.int64)]
+    with pytest.raises(ValueError, match="^resolve_duplicates needs edges with i < j$"):
         filters.resolve_duplicates(np.array([3]), np.array([3]), np.array([False]))
+
+
+def test_seed_zero_is_a_seed_like_any_other():
+    # 1 matches 0 and points at it; 2 matches only 1 (dropped) and stays; 3 is a copy of 1 -> 0; 4 a copy of 0
+    seeds, dup_of = filters.resolve_duplicates(np.array([0, 1, 1, 0]), np.array([1, 2, 3, 4]),
+                                               np.array([False, False, True, True]))
+    assert seeds.tolist() == [1, 3, 4] and dup_of.tolist() == [0, 0, 0]
 
 
 def test_an_alias_wins_over_a_near_match_to_a_lower_kept_seed():
@@ -98,8 +109,45 @@ def test_band_hashes_are_equal_for_equal_bands_and_differ_between_band_positions
     assert h[0].tolist() == h[1].tolist()            # the same signature, the same keys
     assert h[0, 0] != h[0, 1]                         # the same values in two bands: two buckets
     assert h[2, 0] != h[0, 0] and h[2, 1] == h[0, 1]  # one value changed: only its band's key moves
+    assert filters.band_hashes(np.zeros((1, 4096), dtype=np.uint32), ((0, 4096),)).shape == (1, 1)
     with pytest.raises(ValueError, match="num_perm 4097"):
         filters.band_hashes(np.zeros((1, 4097), dtype=np.uint32), ((0, 4097),))
+
+
+def test_band_hashes_are_splitmix64_of_the_weighted_band_sum():
+    """The band key by its definition, in Python integers mod 2**64: the sum of the band's values times
+    the module's odd multipliers, plus k x the golden-ratio constant, through splitmix64's finaliser."""
+    m64 = 2**64
+
+    def key(values, start, k):
+        h = (sum(int(v) * int(filters._MULT[start + n]) for n, v in enumerate(values)) + k * 0x9E3779B97F4A7C15) % m64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) % m64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) % m64
+        h ^= h >> 31
+        return h - m64 if h >= 2**63 else h  # as int64
+
+    sigs = np.array([[4_000_000_000, 17, 3, 2_999_999_999], [0, 1, 2, 3]], dtype=np.uint32)
+    bands = ((0, 2), (2, 4))
+    got = filters.band_hashes(sigs, bands)
+    assert got.tolist() == [[key(r[a:b], a, k) for k, (a, b) in enumerate(bands)] for r in sigs.tolist()]
+
+
+def test_signature_matrix_decodes_stored_signatures_and_names_a_wrong_length():
+    from datasketch import MinHash
+
+    hashes = []
+    for text in (b"def add ( a", b"return a + b", b"x"):
+        m = MinHash(num_perm=64, seed=1, scheme="affine32")
+        m.update_batch([text, text + b" 1"])
+        hashes.append(m.hashvalues)
+    got = filters.signature_matrix([h.tobytes() for h in hashes], [3, 4, 5], 64)
+    assert got.dtype == hashes[0].dtype and got.shape == (3, 64)
+    assert [row.tolist() for row in got] == [h.tolist() for h in hashes]
+    empty = filters.signature_matrix([], [], 64)
+    assert empty.shape == (0, 64) and empty.dtype == hashes[0].dtype
+    with pytest.raises(ValueError, match=r"^signature of seed 4 has 63 permutations, expected 64; "
+                                         r"synthesize.filter.num_perm changed under an existing run$"):
+        filters.signature_matrix([hashes[0].tobytes(), hashes[1].tobytes()[:-hashes[1].itemsize]], [3, 4], 64)
 
 
 def test_key_words_split_a_128_bit_hex_key_into_two_64_bit_words():

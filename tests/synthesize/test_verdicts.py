@@ -78,17 +78,18 @@ def test_dedup_eligibility():
 def test_tally_counts_reasons_stages_and_tokens():
     tally = Tally()
     rows = [good_row(draft_tokens=10, prompt_tokens=8, response_tokens=5, response_prompt_tokens=20),
-            good_row(judge_score=2.0), good_row(judge_raw=None, judge_score=None, response=None, draft="")]
+            good_row(judge_score=2.0), good_row(judge_raw=None, judge_score=None, response=None, draft=""),
+            good_row()]
     for r in rows:
         r["reject_reason"] = first_failure(r, RULES)
         r["accepted"] = r["reject_reason"] is None
         tally.add(r, RULES)
     out = tally.as_dict()
-    assert out["rows"] == 3 and out["accepted"] == 1 and out["rejected"] == 2
+    assert out["rows"] == 4 and out["accepted"] == 2 and out["rejected"] == 2
     assert out["reject_reasons"]["judge_below_threshold"] == 1 and out["reject_reasons"]["empty_draft"] == 1
     assert sum(out["reject_reasons"].values()) == 2
-    assert out["stages"]["judge"] == {"below_threshold": 1, "not_run": 1, "pass": 1}
-    assert out["stages"]["draft"] == {"empty": 1, "ok": 2}
+    assert out["stages"]["judge"] == {"below_threshold": 1, "not_run": 1, "pass": 2}
+    assert out["stages"]["draft"] == {"empty": 1, "ok": 3}
     assert out["tokens"]["draft"] == {"in": 8, "out": 10} and out["tokens"]["respond"] == {"in": 20, "out": 5}
     assert out["tokens_in"] == 28 and out["tokens_out"] == 15
 
