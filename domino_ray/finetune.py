@@ -275,9 +275,8 @@ def format_example(tokenizer, draft: str, response: str, max_length: int, chat: 
 
     The prompt and the response are tokenized separately, so the boundary is exact: every prompt
     token (chat markup, or a plain prompt's leading BOS, included) gets IGNORE_INDEX and every
-    response token is a target. With
-    `chat` the response carries the template's end-of-turn markup, so the model learns to stop;
-    without it the response ends with EOS.
+    response token is a target. With `chat` the response carries the template's end-of-turn markup,
+    so the model learns to stop; without it the response ends with EOS.
     """
     prompt_text, full_text = _render(tokenizer, draft, response, chat)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]

@@ -150,25 +150,29 @@ def _duplicates(total: int, *, work_uri: str, s3_cfg: Optional[dict], num_sample
     """(seeds, duplicate_of) over all N rows, sorted by seed, and a few counts."""
     import ray
 
-    # this task's own context (finalize runs in a Ray task): every dataset below is built with it
-    ray.data.DataContext.get_current().shuffle_input_batch_bytes = _SHUFFLE_INPUT_BATCH_BYTES
-    nb = len(filters.lsh_bands(threshold, num_perm))
-    partitions = max(1, -(-num_samples * nb // _ROWS_PER_PARTITION))
-    read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
-    common = {"work_uri": work_uri, "s3_cfg": s3_cfg, "block_size": block_size, "num_perm": num_perm}
-    bands = read.map_batches(_band_rows, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
-                             fn_kwargs={**common, "num_samples": num_samples, "rules": rules,
-                                        "threshold": threshold, "partitions": partitions})
-    pairs = bands.groupby("part", num_partitions=partitions).map_groups(
-        _pairs_of_partition, batch_format="numpy", num_cpus=1, fn_kwargs={"block_size": block_size})
-    with_j = pairs.groupby("jb", num_partitions=partitions).map_groups(
-        _attach_j, batch_format="numpy", num_cpus=1, fn_kwargs=common)
-    edges = with_j.groupby("ib", num_partitions=partitions).map_groups(
-        _verify, batch_format="numpy", num_cpus=1, fn_kwargs={**common, "threshold": threshold})
-    parts = {"i": [], "j": [], "alias": []}
-    for batch in edges.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in parts:
-            parts[k].append(batch[k])
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.shuffle_input_batch_bytes
+    ctx.shuffle_input_batch_bytes = _SHUFFLE_INPUT_BATCH_BYTES  # for the datasets below; the caller's is restored
+    try:
+        nb = len(filters.lsh_bands(threshold, num_perm))
+        partitions = max(1, -(-num_samples * nb // _ROWS_PER_PARTITION))
+        read = ray.data.range(total, override_num_blocks=max(1, min(-(-total // _BLOCKS_PER_TASK), 4096)))
+        common = {"work_uri": work_uri, "s3_cfg": s3_cfg, "block_size": block_size, "num_perm": num_perm}
+        bands = read.map_batches(_band_rows, batch_size=_BLOCKS_PER_TASK, batch_format="numpy", num_cpus=1,
+                                 fn_kwargs={**common, "num_samples": num_samples, "rules": rules,
+                                            "threshold": threshold, "partitions": partitions})
+        pairs = bands.groupby("part", num_partitions=partitions).map_groups(
+            _pairs_of_partition, batch_format="numpy", num_cpus=1, fn_kwargs={"block_size": block_size})
+        with_j = pairs.groupby("jb", num_partitions=partitions).map_groups(
+            _attach_j, batch_format="numpy", num_cpus=1, fn_kwargs=common)
+        edges = with_j.groupby("ib", num_partitions=partitions).map_groups(
+            _verify, batch_format="numpy", num_cpus=1, fn_kwargs={**common, "threshold": threshold})
+        parts = {"i": [], "j": [], "alias": []}
+        for batch in edges.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in parts:
+                parts[k].append(batch[k])
+    finally:
+        ctx.shuffle_input_batch_bytes = saved
     cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=bool if k == "alias" else np.int64)
            for k, v in parts.items()}
     seeds, dup_of = filters.resolve_duplicates(cat["i"].astype(np.int64), cat["j"].astype(np.int64),

@@ -229,7 +229,11 @@ def test_distributed_dedup_equals_the_sequential_pass_on_planted_clusters(tmp_pa
     for b in range(blocks.num_blocks(n, bs)):
         write_table(storage, join_uri(root, "work", blocks.block_name(b)),
                     rows_to_table([r for r in rows if r["block"] == b], schema.SYNTH_WORK_SCHEMA))
+    import ray
+
+    before = ray.data.DataContext.get_current().shuffle_input_batch_bytes
     counts = run(storage, root, num_samples=n, block_size=bs, dedup={"threshold": threshold, "num_perm": num_perm})
+    assert ray.data.DataContext.get_current().shuffle_input_batch_bytes == before  # the caller's context is left as it was
     bands = len(filters.lsh_bands(threshold, num_perm))
     assert counts["dedup_partitions"] == (-(-n * bands // rows_per_partition) if rows_per_partition else 1)
     got = {r["seed_index"]: r["duplicate_of"] for r in read_records(storage, root) if r["duplicate_of"] is not None}
