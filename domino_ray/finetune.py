@@ -281,7 +281,7 @@ def format_example(tokenizer, draft: str, response: str, max_length: int, chat: 
     prompt_text, full_text = _render(tokenizer, draft, response, chat)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if not chat:  # a plain prompt starts as the engines start one (a Llama-style BOS); a chat template has its own
-        prompt_ids = _leading_specials(tokenizer, prompt_text, prompt_ids) + prompt_ids
+        prompt_ids = list(_leading_specials(tokenizer)) + prompt_ids
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     if not chat and tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
@@ -293,16 +293,19 @@ def format_example(tokenizer, draft: str, response: str, max_length: int, chat: 
                       labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids)
 
 
-def _leading_specials(tokenizer, text: str, plain_ids: list[int]) -> list[int]:
-    """The special tokens the tokenizer puts before `text` (`plain_ids`, its ids without specials):
-    a BOS for Llama-style tokenizers, nothing for Qwen2.5 or SmolLM2. Engine.encode_request gives a
-    plain prompt these, so a model fine-tuned on plain-format pairs sees them in training too; a
-    special token added after the text (an EOS) is not taken."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+@functools.lru_cache(maxsize=8)
+def _leading_specials(tokenizer) -> tuple[int, ...]:
+    """The special tokens the tokenizer puts before a text: a BOS for Llama-style tokenizers, nothing
+    for Qwen2.5 or SmolLM2. Engine.encode_request gives a plain prompt these, so a model fine-tuned on
+    plain-format pairs sees them in training too; a special token added after the text (an EOS) is not
+    taken. They belong to the tokenizer's post-processor, not to the text, so one probe finds them."""
+    probe = "x"
+    plain_ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for k in range(len(ids) - len(plain_ids) + 1):
         if ids[k:k + len(plain_ids)] == plain_ids:
-            return list(ids[:k])
-    return []
+            return tuple(ids[:k])
+    return ()
 
 
 def _render(tokenizer, draft: str, response: str, chat: bool) -> tuple[str, str]:

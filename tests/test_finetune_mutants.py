@@ -156,13 +156,24 @@ def test_a_plain_prompt_starts_with_the_bos_the_engines_give_it(tok):
     plain = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=False)
     assert plain.input_ids[:len(_ids(tok, prompt))] == _ids(tok, prompt)  # this tokenizer adds nothing
     bos = tok.bos_token_id
-    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)])
-    ex = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=False)
+    # copies: a tokenizer's specials are fixed, so format_example may learn them once per tokenizer object
+    bos_tok = _with_post_processor(tok, TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                           special_tokens=[(tok.bos_token, bos)]))
+    ex = format_example(bos_tok, DRAFT, RESPONSE, max_length=512, chat=False)
     assert ex.input_ids[:1 + len(_ids(tok, prompt))] == [bos] + _ids(tok, prompt)
     assert ex.labels[:1 + len(_ids(tok, prompt))] == [IGNORE_INDEX] * (1 + len(_ids(tok, prompt)))
     assert ex.input_ids[1:] == plain.input_ids and ex.labels[1:] == plain.labels  # one token more, in front
     chat = format_example(tok, DRAFT, RESPONSE, max_length=512, chat=True)
-    tok._tokenizer.post_processor = TemplateProcessing(single="$A " + tok.eos_token,
-                                                       special_tokens=[(tok.eos_token, tok.eos_token_id)])
-    assert format_example(tok, DRAFT, RESPONSE, max_length=512, chat=False) == plain
-    assert format_example(tok, DRAFT, RESPONSE, max_length=512, chat=True) == chat
+    eos_tok = _with_post_processor(tok, TemplateProcessing(single="$A " + tok.eos_token,
+                                                           special_tokens=[(tok.eos_token, tok.eos_token_id)]))
+    assert format_example(eos_tok, DRAFT, RESPONSE, max_length=512, chat=False) == plain
+    assert format_example(eos_tok, DRAFT, RESPONSE, max_length=512, chat=True) == chat
+
+
+def _with_post_processor(tok, processor):
+    """A copy of `tok` whose tokenizer adds the specials of `processor` around a text."""
+    import copy
+
+    other = copy.deepcopy(tok)
+    other._tokenizer.post_processor = processor
+    return other

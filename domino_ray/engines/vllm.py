@@ -253,10 +253,6 @@ class AsyncVLLMEngine(VLLMEngine):
 
     kind = "vllm"
 
-    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 2048, soft_prompt: bool = True,
-                 **options: Any):
-        super().__init__(model, dtype, max_model_len, soft_prompt, **options)
-
     def _start(self, kwargs: dict[str, Any]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
