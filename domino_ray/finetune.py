@@ -52,6 +52,7 @@ import numpy as np
 from domino_ray.config import DominoConfig, FinetuneConfig
 from domino_ray.layout import FINETUNE_OUTPUTS, RunLayout
 from domino_ray.manifest import RunManifest, StageBlocked, config_fingerprint
+from domino_ray.runlock import holds_run_root
 from domino_ray.schema import IGNORE_INDEX
 from domino_ray.storage import Storage
 
@@ -763,6 +764,7 @@ def resolve_base_model(cfg: DominoConfig) -> str:
     return str(local.absolute()) if local.exists() else model
 
 
+@holds_run_root
 def run_finetune(cfg: DominoConfig) -> dict[str, Any]:
     """Fine-tune on the accepted records of `cfg.run.output`; returns a summary (paths, losses, counts)."""
     from domino_ray.backbone import load_tokenizer

@@ -48,6 +48,7 @@ from typing import Any, Optional
 from domino_ray.config import DominoConfig
 from domino_ray.manifest import RunManifest, config_fingerprint, redact_secrets
 from domino_ray.layout import LEARN_DIR, LEARN_DOMAIN, LEARN_METRICS, LEARN_OUTCOME, LEARN_PROGRESS, RunLayout
+from domino_ray.runlock import holds_run_root
 from domino_ray.storage import Storage, is_s3, join_uri, split_s3
 
 __all__ = ["LearnDiverged", "run_learn", "learn_fingerprint", "METRIC_KEYS", "steps_per_epoch", "epoch_batch_sizes",
@@ -76,6 +77,7 @@ def learn_fingerprint(cfg: DominoConfig) -> str:
 
 
 # ============================================================================ driver
+@holds_run_root
 def run_learn(cfg: DominoConfig) -> dict[str, Any]:
     """Train D on the references of `cfg` with Ray Train; write the representation; return a summary.
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 from domino_ray.config import DominoConfig, absolute_local_paths
 from domino_ray.manifest import RunManifest, StageBlocked, config_fingerprint
 from domino_ray.layout import EVAL_BASE, EVAL_FINETUNED, RunLayout
+from domino_ray.runlock import holds_run_root
 from domino_ray.storage import Storage, join_uri
 
 __all__ = ["run_pipeline", "plan_stages", "stage_fingerprints", "PipelineStage", "StageBlocked", "format_summary"]
@@ -220,6 +221,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@holds_run_root
 def run_pipeline(cfg: DominoConfig, print_summary: bool = True) -> dict[str, Any]:
     """Run every enabled stage not already done with the same fingerprint; returns the summary dict."""
     from domino_ray.runtime import ensure_ray

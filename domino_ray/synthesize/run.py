@@ -43,6 +43,7 @@ from typing import Any, Optional
 from domino_ray.config import DominoConfig
 from domino_ray.layout import REPRESENTATION_META, RunLayout
 from domino_ray.manifest import RunManifest, config_fingerprint, package_versions, redact_secrets
+from domino_ray.runlock import holds_run_root
 from domino_ray.storage import Storage, join_uri
 from domino_ray.synthesize import blocks
 from domino_ray.synthesize.verdicts import RejectRules
@@ -628,6 +629,7 @@ def _finalize(cfg: DominoConfig, paths: SynthPaths, old: Optional[dict] = None) 
 
 
 # ------------------------------------------------------------------------------------- the job
+@holds_run_root
 def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]:
     """Generate, grade, filter and write N records under <run>/synth/; resumable (module docstring)."""
     from domino_ray.runtime import ensure_ray

@@ -17,6 +17,7 @@ import pytest
 
 from domino_ray import schema
 from domino_ray.config import config_from_dict
+from domino_ray.runlock import hold_run_root
 from domino_ray.storage import Storage
 from domino_ray.synthesize import blocks, run_synthesize
 from domino_ray.synthesize.export import export_records
@@ -179,7 +180,10 @@ def test_resume_after_driver_sigkill(ray_cluster, tiny_model_dir, references_fil
     manifest = json.loads((root / "synth" / "manifest.json").read_text())
     assert manifest["status"] == "running"  # killed: nobody marked it
 
-    summary = run_synthesize(config_from_dict(raw))
+    lock = json.loads((root / ".lock").read_text())
+    assert lock["pid"] == job.pid  # the killed job's lease outlives it: a new run must break it explicitly
+    with hold_run_root(str(root), Storage(), break_lock=True):
+        summary = run_synthesize(config_from_dict(raw))
     assert summary["blocks"] == {"total": total, "skipped": len(before), "generated": total - len(before)}
     assert {name: ((work / name).stat().st_mtime_ns, (work / name).stat().st_ino) for name in before} == before
     assert summary["block_flow"]["max_calls_per_block"] == 1 and summary["block_flow"]["unplanned_merges"] == 0
