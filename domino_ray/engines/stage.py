@@ -2,12 +2,15 @@
 
 Used by every LLM step: synthesis (draft from D, respond, judge) and evaluation (completions).
 The engine, and the soft prompt D when there is one, are loaded once in `__init__`; `__call__` maps
-a numpy batch to the same batch plus four columns:
+a numpy batch to the same batch plus five columns:
 
     <output>                 generated text (str; "" for a failed row)
     <output>_tokens          completion tokens (int64)
     <output>_finish_reason   "stop" | "length" | "error" (a row the engine could not serve)
     <output>_prompt_tokens   prompt tokens, soft tokens included (int64)
+    <output>_started_at      when this batch's call began (Unix seconds, float64): the first call of
+                             an actor is when its engine was ready, so a run can tell start-up from
+                             generation time (the synthesis summary's steady-state rate)
 
 Request of row i:
     - with `representation_uri`: `[D ; tokens(prefix + input_i)]`; the input column may be absent
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -150,6 +154,7 @@ class LLMStage:
         if self.seed_column is not None and self.seed_column not in batch:
             raise KeyError(f"LLMStage({self.output_column}): seed column {self.seed_column!r} not found; "
                            f"columns: {sorted(batch)}")
+        started = time.time()
         requests, samplings = [], []
         for i in range(num_rows):
             requests.append(self._request(batch, i))
@@ -165,6 +170,7 @@ class LLMStage:
         batch[f"{out}_tokens"] = np.array([c[1] for c in completions], dtype=np.int64)
         batch[f"{out}_finish_reason"] = np.array([c[2] for c in completions], dtype=object)
         batch[f"{out}_prompt_tokens"] = np.array([c[3] for c in completions], dtype=np.int64)
+        batch[f"{out}_started_at"] = np.full(num_rows, started, dtype=np.float64)
         return batch
 
     def shutdown(self) -> None:

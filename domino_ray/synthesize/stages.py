@@ -165,7 +165,7 @@ class DraftStage(_LLMRole):
     no-soft-prompt baseline from the prefix text alone)."""
 
     role, output = "draft", "draft"
-    columns = ("draft", "draft_tokens", "draft_finish_reason", "prompt_tokens")
+    columns = ("draft", "draft_tokens", "draft_finish_reason", "prompt_tokens", "draft_started_at")
 
     def __init__(self, *, soft_prompt: bool = True, baseline_prompt: str = "", few_shot: Optional[dict] = None,
                  end_at: str = "none", **kwargs: Any):
@@ -195,6 +195,7 @@ class DraftStage(_LLMRole):
         if self.end_at == "docstring" and row["draft"] is not None:
             row["draft"], row["draft_finish_reason"], _ = cut_draft(row["draft"], row["draft_finish_reason"])
         row["prompt_tokens"] = answer.get("draft_prompt_tokens")
+        row["draft_started_at"] = answer.get("draft_started_at")  # the writer's started_at (steady rate)
 
     def verdict(self, row: dict, ran: bool) -> str:
         if not ran:
@@ -448,7 +449,8 @@ class BlockWriter:
 
     Each output row also says how many seed blocks the completing call held (`call_blocks`) and in
     how many calls the block arrived (`calls`): the driver reports both, and a plan that merged or
-    split blocks shows there.
+    split blocks shows there. `started_at` is when the draft engine began the block (NaN when the
+    rows carry no `draft_started_at`); the driver's steady-state rate starts at the earliest one.
     """
 
     def __init__(self, *, work_uri: str, num_samples: int, block_size: int, s3_cfg: Optional[dict],
@@ -460,6 +462,7 @@ class BlockWriter:
         self.rules = RejectRules(**rules)
         self.pending: dict[int, list[dict]] = defaultdict(list)
         self.pieces: dict[int, int] = defaultdict(int)  # calls that brought rows of a pending block
+        self.started: dict[int, float] = {}  # the earliest draft call that brought rows of a pending block
         self.metrics = SynthMetrics(constants["run"])
 
     def _finish_row(self, row: dict, created_at) -> dict:
@@ -491,8 +494,12 @@ class BlockWriter:
         for row in rows:
             block = int(row["block"])
             self.pending[block].append(row)
+            started = row.get("draft_started_at")
+            self.started[block] = np.fmin(self.started.get(block, np.nan), np.nan if started is None else float(started))
             if len(self.pending[block]) == len(blocks.block_seeds(block, self.num_samples, self.block_size)):
                 written.append({**self._write(block, self.pending.pop(block)), "calls": self.pieces.pop(block),
-                                "call_blocks": len(here)})
-        return {k: np.asarray([w[k] for w in written], dtype=np.int64)
-                for k in ("block", "rows", "accepted", "calls", "call_blocks")}
+                                "call_blocks": len(here), "started_at": self.started.pop(block)})
+        out = {k: np.asarray([w[k] for w in written], dtype=np.int64)
+               for k in ("block", "rows", "accepted", "calls", "call_blocks")}
+        out["started_at"] = np.asarray([w["started_at"] for w in written], dtype=np.float64)
+        return out

@@ -53,6 +53,11 @@ def test_transformers_pipeline_on_s3(ray_cluster, tiny_model_dir, references_fil
     summary = run_synthesize(cfg)
     assert summary["status"] == "completed" and summary["blocks"] == {"total": 4, "skipped": 0, "generated": 4}
     assert summary["samples_per_second"] > 0
+    # the steady rate runs from the first draft call (after the engines loaded) to the end of generation
+    flow = summary["block_flow"]
+    assert 0 < flow["generation_start_seconds"] < flow["first_block_seconds"] < summary["generate_seconds"]
+    assert summary["steady_samples_per_second"] == pytest.approx(
+        summary["rows_generated"] / (summary["generate_seconds"] - flow["generation_start_seconds"]), rel=0.01)
     assert set(summary["counts"]["stages"]) >= {"draft", "respond", "judge", "filter"}
     assert summary["counts"]["tokens"]["tests"]["out"] > 0
 

@@ -307,3 +307,16 @@ def test_few_shot_prompts_are_built_per_seed_by_the_draft_actor(tiny_model_dir, 
     for seed in (0, 1, 39):
         assert stage.prompt({"seed_index": seed}) == reference[seed]
     assert stage.prompt({"seed_index": 0}) != stage.prompt({"seed_index": 1})
+
+
+def test_the_steady_rate_counts_from_the_first_engine_call_not_the_first_written_block():
+    """Four batches in flight finish together: 16 blocks of 64 rows land in four waves, at 11, 12, 13
+    and 14 s, after engines that began at 10 s. The rate is 16 x 64 rows in 4 s = 256/s. A clock
+    started at the first written block would count the 15 later blocks in 3 s (320/s, x1.25)."""
+    from domino_ray.synthesize.run import steady_rate
+
+    assert steady_rate(16 * 64, began=10.0, end=14.0) == 256.0
+    assert steady_rate(0, began=10.0, end=14.0) is None  # nothing generated
+    assert steady_rate(64, began=float("nan"), end=14.0) is None  # no block said when its engine began
+    assert steady_rate(64, began=14.0, end=14.0) is None
+

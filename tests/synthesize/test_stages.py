@@ -1,5 +1,7 @@
 """The stage classes as plain callables on the tiny model (no cluster): columns, gating, verdicts."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -40,9 +42,12 @@ def test_stages_end_to_end_in_process(setup):
     assert batch["draft_seed"].tolist() == [blocks.request_seed(0, s) for s in range(6)]
 
     draft = DraftStage(**common(cfg), **stage_kwargs(cfg, syn.draft), representation_uri=root, prefix="")
+    called = time.time()
     out = draft(dict(batch))
+    returned = time.time()
     rows = batch_to_rows(out)
     assert all(isinstance(r["draft"], str) for r in rows)
+    assert all(called <= r["draft_started_at"] <= returned for r in rows)  # the engine's start on this batch
     assert all(r["prompt_tokens"] >= 4 for r in rows)  # the P soft tokens count as prompt
     assert all(0 < r["draft_tokens"] <= 24 for r in rows)
     again = batch_to_rows(draft(dict(batch)))  # same seeds, same drafts (HF engine honours seeds)
@@ -77,11 +82,16 @@ def test_stages_end_to_end_in_process(setup):
     writer = BlockWriter(work_uri=paths.work, num_samples=6, block_size=4, s3_cfg=None,
                          constants={"run": "t", "backbone": "tiny", "representation_sha256": "abc",
                                     "temperature": 0.9, "top_p": 1.0}, rules=common(cfg)["rules"])
+    # when the draft engine began each row's batch: block 0 began at its earliest row (3.0); block 1's
+    # rows arrive in two calls, and its earliest row (2.0) is in the second
+    out["draft_started_at"] = np.array([5.0, 3.0, 4.0, 6.0, 9.0, 2.0])
     first = {k: v[:5] for k, v in out.items()}
     rest = {k: v[5:] for k, v in out.items()}
     done = writer(first)
     assert done["block"].tolist() == [0]  # block 1 still misses seed 5
-    assert writer(rest)["block"].tolist() == [1]
+    assert done["started_at"].tolist() == [3.0]
+    later = writer(rest)
+    assert later["block"].tolist() == [1] and later["started_at"].tolist() == [2.0]
     table = read_table(Storage(), f"{paths.work}/{blocks.block_name(0)}")
     assert table.schema.equals(SYNTH_WORK_SCHEMA)
     written = table.to_pylist()
