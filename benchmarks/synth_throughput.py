@@ -7,9 +7,12 @@
      is what the pipeline costs (goal >= 0.95 at batch 64);
    - bare batch engine: one `vllm.LLM.generate` per batch (the stage before batches in flight,
      idle at each batch's tail): what the pipeline gains.
-   The plan's number is its steady state (after the first written block, so actor start-up is
-   excluded). Bare loops run before and after the plans (load drifts on a shared machine); their
+   The plan's number is its steady state: from its first draft-engine call (after actor start-up)
+   to its last written block. Bare loops run before and after the plans (load drifts on a shared machine); their
    mean is the baseline. With --engine hf both bare loops are the same synchronous engine.
+   Below each batch size: the cores each process group used in the plan's steady window and in the
+   first bare loops (CPU time of every process, sampled every 0.5 s). On a 2-core machine what the
+   plan's Ray runtime, driver and writer use is CPU the engine does not get.
 2. peak RSS of the driver process for N = 1,000 and N = 100,000 (each in a fresh process). Goal: flat
    (within 10 %): the driver sees one small row per written block, never the records.
 
@@ -89,8 +92,98 @@ def bare_stage(cfg, root: str, asynchronous: bool):
                     representation_uri=root, seed_column="draft_seed", asynchronous=asynchronous)
 
 
-def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int) -> float:
-    """samples/s of `stage` over seeds 0..n-1 in batches, `in_flight` batches at a time."""
+def _sample_cpu(path: str, period: float, stop) -> None:
+    """The sampler process: (time, {pid: [title, cpu seconds]}) per line of `path` until `stop` is set."""
+    import psutil
+
+    me = os.getpid()
+    with open(path, "w") as f:
+        while not stop.is_set():
+            now, seen = time.time(), {}
+            for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+                try:
+                    if p.pid != me:
+                        t = p.info["cpu_times"]
+                        seen[p.pid] = [" ".join((p.info["cmdline"] or [p.info["name"] or "?"])[:1]), t.user + t.system]
+                except Exception:  # noqa: BLE001 - a process that ended while it was read
+                    pass
+            f.write(json.dumps([now, seen]) + "\n")
+            f.flush()
+            stop.wait(period)
+
+
+class CpuSampler:
+    """CPU time of every process on the machine, sampled every `period` s by a process of its own
+    (a thread here would take the GIL from the bare loops' engine frontend), so that the cores each
+    part of a run used in a time window can be told apart afterwards (`cores`). On 2 shared cores the
+    plan and the bare loop split the same CPU: what Ray's runtime, the driver and the writer use is
+    taken from the engine."""
+
+    def __init__(self, period: float = 0.5):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.path = tempfile.mktemp(suffix=".cpu.jsonl")
+        self._stop = ctx.Event()
+        self.proc = ctx.Process(target=_sample_cpu, args=(self.path, period, self._stop), daemon=True)
+
+    def __enter__(self) -> "CpuSampler":
+        self.proc.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.proc.join(timeout=30)
+
+    def _samples(self) -> list:
+        lines = Path(self.path).read_text().splitlines()
+        return [json.loads(line) for line in lines if line.endswith("}]")]
+
+    def cores(self, start: float, end: float, group) -> dict[str, float]:
+        """Cores used between the samples nearest `start` and `end`, by `group(pid, title)`."""
+        samples = self._samples()
+        a = min(samples, key=lambda s: abs(s[0] - start))
+        b = min(samples, key=lambda s: abs(s[0] - end))
+        out: dict[str, float] = {}
+        for pid, (title, cpu) in b[1].items():
+            before = a[1].get(pid, (title, 0.0))[1]
+            key = group(int(pid), title)
+            out[key] = out.get(key, 0.0) + (cpu - before) / max(b[0] - a[0], 1e-9)
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+
+
+def plan_group(bare_pids: set[int]):
+    """Process groups of a plan run: the plan's engine, its stage actor, writer, driver, Ray itself."""
+    me = os.getpid()
+
+    def group(pid: int, title: str) -> str:
+        if pid in bare_pids:
+            return "bare-loop engines (idle)"
+        if title.startswith("VLLM::"):
+            return "engine (EngineCore + Worker)"
+        if "DraftStage" in title:
+            return "draft stage actor (frontend)"
+        if "BlockWriter" in title:
+            return "block writer"
+        if pid == me:
+            return "driver"
+        if "ray" in title.lower():
+            return "Ray runtime (raylet, GCS, dashboard, idle workers)"
+        return "other"
+
+    return group
+
+
+def bare_group(pid: int, title: str) -> str:
+    if pid == os.getpid():
+        return "frontend (this process)"
+    return "engine (EngineCore + Worker)" if title.startswith("VLLM::") else "other"
+
+
+def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int, sampler: "CpuSampler | None" = None,
+              cpu: "dict | None" = None) -> float:
+    """samples/s of `stage` over seeds 0..n-1 in batches, `in_flight` batches at a time (with a
+    `sampler`, the cores each process group used during the loop go into `cpu`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -103,7 +196,10 @@ def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int) -> float
     with ThreadPoolExecutor(in_flight) as pool:
         for _ in pool.map(stage, batches):
             pass
-    return n / (time.time() - t0)
+    t1 = time.time()
+    if sampler is not None and cpu is not None:
+        cpu.update(sampler.cores(t0, t1, bare_group))
+    return n / (t1 - t0)
 
 
 def throughput(args) -> None:
@@ -125,17 +221,27 @@ def throughput(args) -> None:
     if not stages["async"].concurrent:
         stages = {"async": stages["async"]}  # transformers: one synchronous engine, one baseline
 
-    def bare_all() -> dict:
-        return {(kind, b): bare_loop(stage, 0, sizes[b], b, args.in_flight if kind == "async" else 1)
+    cpu: dict = {}  # (what, batch) -> cores by process group, in the first bare loops and the plans
+
+    def bare_all(sampler=None) -> dict:
+        return {(kind, b): bare_loop(stage, 0, sizes[b], b, args.in_flight if kind == "async" else 1, sampler,
+                                     cpu.setdefault((kind, b), {}) if sampler else None)
                 for kind, stage in stages.items() for b in args.batch}
 
-    before = bare_all()
-    ensure_ray(num_cpus=args.ray_cpus)
-    plans = {}
-    for b in args.batch:
-        out = tempfile.mkdtemp(prefix=f"synth-bench-{b}-")
-        save_tiny_representation(model, out)
-        plans[b] = run_synthesize(config(b, sizes[b], out))
+    import psutil
+
+    with CpuSampler() as sampler:
+        before = bare_all(sampler)
+        bare_pids = {p.pid for p in psutil.Process().children(recursive=True)} - {sampler.proc.pid}  # bare engines
+        ensure_ray(num_cpus=args.ray_cpus)
+        plans = {}
+        for b in args.batch:
+            out = tempfile.mkdtemp(prefix=f"synth-bench-{b}-")
+            save_tiny_representation(model, out)
+            plans[b] = run_synthesize(config(b, sizes[b], out))
+            window = plans[b]["block_flow"]["generation_window"]
+            if window:
+                cpu["plan", b] = sampler.cores(window[0], window[1], plan_group(bare_pids))
     after = bare_all()
     for stage in stages.values():
         stage.shutdown()
@@ -154,6 +260,10 @@ def throughput(args) -> None:
             depth = f"{args.in_flight} batches in flight" if kind == "async" and "batch" in stages else "one batch at a time"
             print(f"    {label + ',':<18} {depth:<20}: {bare:8.2f} samples/s (before {before[kind, b]:.2f}, "
                   f"after {after[kind, b]:.2f})   plan/bare {steady / bare:.3f}")
+        for what in ["plan", *stages]:
+            if cpu.get((what, b)):
+                where = "plan, steady window" if what == "plan" else f"bare {what} loop (before)"
+                print(f"    cores used, {where}: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu[what, b].items()))
 
 
 def rss_child(n: int, out: str, model: str, engine: str, block: int, ray_cpus: int) -> None:

@@ -566,6 +566,7 @@ def _stream(ds, todo: list[int], total_blocks: int, groups: list[list[int]]) -> 
     return {"blocks": done, "rows": rows, "seconds": round(seconds, 3), "missing": missing,
             "first_block_seconds": round(first - t0, 3) if first else None,
             "generation_start_seconds": None if math.isnan(began) else round(began - t0, 3),
+            "generation_window": None if math.isnan(began) else [round(began, 3), round(end, 3)],
             "max_blocks_per_write_call": max_call_blocks, "max_calls_per_block": max_calls, "unplanned_merges": unplanned,
             "samples_per_second": round(rows / seconds, 3) if seconds > 0 and rows else None,
             "steady_samples_per_second": steady_rate(rows, began, end)}
@@ -678,7 +679,7 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
                  syn.num_samples, total, syn.block_size, total - len(todo), len(todo))
         ensure_ray()
         gen = {"blocks": 0, "rows": 0, "seconds": 0.0, "samples_per_second": None, "steady_samples_per_second": None,
-               "missing": [], "first_block_seconds": None, "generation_start_seconds": None,
+               "missing": [], "first_block_seconds": None, "generation_start_seconds": None, "generation_window": None,
                "max_blocks_per_write_call": 0, "max_calls_per_block": 0,
                "unplanned_merges": 0}
         if todo:
@@ -713,7 +714,9 @@ def run_synthesize(cfg: DominoConfig, overwrite: bool = False) -> dict[str, Any]
         "block_flow": {"regenerated": checked["regenerated"], "max_blocks_per_write_call": gen["max_blocks_per_write_call"],
                        "max_calls_per_block": gen["max_calls_per_block"], "unplanned_merges": gen["unplanned_merges"],
                        "first_block_seconds": gen["first_block_seconds"],
-                       "generation_start_seconds": gen["generation_start_seconds"]},
+                       "generation_start_seconds": gen["generation_start_seconds"],
+                       # [first draft call, last written block] in Unix seconds: the steady rate's window
+                       "generation_window": gen["generation_window"]},
         "record_blocks_written": counts["record_blocks_written"],
         "rows_generated": gen["rows"],
         "counts": {k: v for k, v in counts.items()

@@ -58,6 +58,8 @@ def test_transformers_pipeline_on_s3(ray_cluster, tiny_model_dir, references_fil
     assert 0 < flow["generation_start_seconds"] < flow["first_block_seconds"] < summary["generate_seconds"]
     assert summary["steady_samples_per_second"] == pytest.approx(
         summary["rows_generated"] / (summary["generate_seconds"] - flow["generation_start_seconds"]), rel=0.01)
+    began, ended = flow["generation_window"]
+    assert ended - began == pytest.approx(summary["generate_seconds"] - flow["generation_start_seconds"], abs=0.01)
     assert set(summary["counts"]["stages"]) >= {"draft", "respond", "judge", "filter"}
     assert summary["counts"]["tokens"]["tests"]["out"] > 0
 
