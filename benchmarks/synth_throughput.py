@@ -140,15 +140,21 @@ class CpuSampler:
         return [json.loads(line) for line in lines if line.endswith("}]")]
 
     def cores(self, start: float, end: float, group) -> dict[str, float]:
-        """Cores used between the samples nearest `start` and `end`, by `group(pid, title)`."""
+        """Cores used between the samples nearest `start` and `end`, by `group(pid, title)`. A process
+        is counted up to its last sample in the window (an engine core exits with its actor, right at
+        the end); one that started inside the window, from zero."""
         samples = self._samples()
-        a = min(samples, key=lambda s: abs(s[0] - start))
-        b = min(samples, key=lambda s: abs(s[0] - end))
+        a = min(range(len(samples)), key=lambda i: abs(samples[i][0] - start))
+        b = min(range(len(samples)), key=lambda i: abs(samples[i][0] - end))
+        last: dict[str, tuple[str, float]] = {}
+        for _, seen in samples[a:b + 1]:
+            last.update(seen)
+        span = max(samples[b][0] - samples[a][0], 1e-9)
         out: dict[str, float] = {}
-        for pid, (title, cpu) in b[1].items():
-            before = a[1].get(pid, (title, 0.0))[1]
+        for pid, (title, cpu) in last.items():
+            before = samples[a][1].get(pid, (title, 0.0))[1]
             key = group(int(pid), title)
-            out[key] = out.get(key, 0.0) + (cpu - before) / max(b[0] - a[0], 1e-9)
+            out[key] = out.get(key, 0.0) + (cpu - before) / span
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.005}
 
 
