@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -123,6 +124,7 @@ class LLMStage:
                 raise
         else:
             self.engine = build_engine(engine_cfg, backbone_cfg, soft_prompt=soft_prompt, storage=storage)
+        self._shut = False  # an engine to stop (shutdown, or __del__ when Ray Data lets the actor go)
         self.concurrent = self._loop is not None
         if representation_uri is not None:
             self._load_domain(representation_uri, storage_cfg)
@@ -174,11 +176,29 @@ class LLMStage:
         return batch
 
     def shutdown(self) -> None:
+        """Stop the engine (and the async engine's loop); safe to call twice."""
+        if getattr(self, "_shut", True):
+            return  # already shut down, or __init__ never got to an engine
+        self._shut = True
         if self._loop is None:
             self.engine.shutdown()
             return
-        self._loop.call(self.engine.shutdown)
-        self._loop.stop()
+        try:
+            if self._loop.thread.is_alive():
+                self._loop.call(self.engine.shutdown, timeout=60)
+        finally:
+            self._loop.stop()
+
+    def __del__(self) -> None:
+        # Ray Data deletes the UDF when its actor exits gracefully (MapWorker.__ray_shutdown__). Stopping
+        # the async engine here cancels vLLM's output handler before its engine core goes; otherwise the
+        # handler finds the core dead and logs an ERROR traceback at the end of every successful run.
+        if sys.is_finalizing() or (self._loop is not None and self._loop.thread is threading.current_thread()):
+            return  # a frozen daemon thread, or the loop itself: the engine core exits with this process
+        try:
+            self.shutdown()
+        except Exception as e:  # noqa: BLE001 - a finalizer must not raise
+            log.warning("LLMStage(%s): shutdown on delete failed: %s", getattr(self, "output_column", "?"), e)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _request(self, batch: dict[str, np.ndarray], i: int) -> Optional[GenerationRequest]:
@@ -339,16 +359,16 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"{name} loop", daemon=True)
         self.thread.start()
 
-    def run(self, coro) -> Any:
+    def run(self, coro, timeout: Optional[float] = None) -> Any:
         """Run a coroutine on the loop and wait for its result (from any other thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def call(self, fn) -> Any:
+    def call(self, fn, timeout: Optional[float] = None) -> Any:
         """Run a plain function on the loop's thread (objects that bind to the running loop)."""
         async def call():
             return fn()
 
-        return self.run(call())
+        return self.run(call(), timeout)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
