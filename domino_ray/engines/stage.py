@@ -193,7 +193,8 @@ class LLMStage:
         # Ray Data deletes the UDF when its actor exits gracefully (MapWorker.__ray_shutdown__). Stopping
         # the async engine here cancels vLLM's output handler before its engine core goes; otherwise the
         # handler finds the core dead and logs an ERROR traceback at the end of every successful run.
-        if sys.is_finalizing() or (self._loop is not None and self._loop.thread is threading.current_thread()):
+        loop = getattr(self, "_loop", None)  # absent when __init__ failed early
+        if sys.is_finalizing() or (loop is not None and loop.thread is threading.current_thread()):
             return  # a frozen daemon thread, or the loop itself: the engine core exits with this process
         try:
             self.shutdown()
