@@ -6,9 +6,11 @@
 For each N it writes N synthetic work rows (random 60-word drafts; --dup-rate of them are planted
 copies of a lower seed: half exact up to case, half with the last 1-3 words changed) as work blocks under a
 temporary run root, then times `finalize.finalize_blocks` on a local Ray cluster of --cpus logical
-CPUs. It prints wall time, rows/s, the duplicates found, and the peak RSS of every process that
-ran a piece of the pass (RSS and USS sampled every 0.5 s from the Ray worker processes, by process
-title, plus the resolving task's and the writers' own getrusage peaks), each with its ratio to the smallest N. Goal (issue 12): time
+CPUs. It prints wall time, rows/s, the duplicates found, and the peak memory of every process that
+ran a piece of the pass, sampled every 0.5 s from the Ray worker processes by process title
+(benchmarks/_procs.py): RSS, and its anonymous part (the process's own heap, without the
+object-store pages that a zero-copy read maps), plus the resolving task's and the writers' own
+getrusage peaks, each with its ratio to the smallest N. Goal (issue 12): time
 close to linear in N, peak task memory flat (<= 1 GB). Numbers are measured, not asserted; building
 the rows (MinHash of every draft) is timed separately and is not part of the pass.
 """
@@ -20,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
+from _procs import ProcSampler  # noqa: E402 - benchmarks/ is this script's sys.path[0]
 
 
 def _text(seed: int, run_seed: int) -> str:
@@ -76,51 +78,9 @@ def write_blocks(first: int, last: int, *, work: str, num_samples: int, block_si
     return last - first
 
 
-class RssSampler:
-    """Peak memory per Ray worker process of this driver's cluster (children of this process), by the
-    process title (Ray names a worker after what it runs: ray::MapBatches(_band_rows), ...). RSS counts
-    the object-store pages a worker maps (zero-copy reads); USS (unique set size) leaves shared pages out."""
-
-    def __init__(self, period: float = 0.5):
-        import psutil
-
-        self.me, self.period, self._stop = psutil.Process(), period, threading.Event()
-        # (pid, title) -> [title, rss, uss]: a worker process is reused by later tasks (and keeps its
-        # heap), so memory is booked to what the process was running when it was sampled
-        self.peaks: dict = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            for p in self.me.children(recursive=True):
-                try:
-                    title = " ".join(p.cmdline()[:1])
-                    if not title.startswith("ray::"):
-                        continue
-                    mem = p.memory_full_info()
-                    peak = self.peaks.setdefault((p.pid, title), [title, 0, 0])
-                    peak[1], peak[2] = max(peak[1], mem.rss), max(peak[2], mem.uss)
-                except Exception:  # noqa: BLE001 - a process that ended between listing and reading
-                    pass
-            self._stop.wait(self.period)
-
-    def by_title(self) -> dict:
-        out: dict = {}
-        for title, rss, uss in self.peaks.values():
-            old = out.get(title, (0, 0))
-            out[title] = (max(old[0], round(rss / 2**20)), max(old[1], round(uss / 2**20)))
-        return out
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.thread.join()
-
-    def max_mb(self, which: int = 1) -> float:
-        return round(max((p[which] for p in self.peaks.values()), default=0) / 2**20, 1)
+def _worker_peaks(by_title: dict) -> dict:
+    return {"worker_peak_mb": max((m[0] for m in by_title.values()), default=0),
+            "worker_peak_anon_mb": max((m[1] for m in by_title.values()), default=0), "by_process": by_title}
 
 
 def run_one(n: int, args, tmp: str) -> dict:
@@ -139,7 +99,7 @@ def run_one(n: int, args, tmp: str) -> dict:
     ray.get([task.remote(b, min(b + step, total), work=work, num_samples=n, block_size=args.block_size,
                          dup_rate=args.dup_rate, num_perm=args.num_perm) for b in range(0, total, step)])
     build = time.time() - t0
-    with RssSampler() as sampler:
+    with ProcSampler(root=os.getpid()) as sampler:
         t1 = time.time()
         # as synthesize/run.py does: the pass is driven from a small Ray task, off the driver
         driver = ray.remote(num_cpus=0, max_retries=0)(finalize_blocks)
@@ -150,8 +110,7 @@ def run_one(n: int, args, tmp: str) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     return {"n": n, "build_s": round(build, 1), "wall_s": round(wall, 1), "rows_per_s": round(n / wall),
             "duplicates": counts["reject_reasons"]["duplicate"], "matches": counts["dedup_matches"],
-            "worker_peak_mb": sampler.max_mb(1), "worker_peak_uss_mb": sampler.max_mb(2),
-            "by_process": sampler.by_title(), "writer_peak_mb": counts["peak_rss_mb"]["write"],
+            **_worker_peaks(sampler.peaks(lambda title: title.startswith("ray::"))), "writer_peak_mb": counts["peak_rss_mb"]["write"],
             "resolve_peak_mb": counts["peak_rss_mb"]["resolve"], "blocks": total,
             "dedup_s": round(counts["finalize_seconds"] - counts["finalize_write_seconds"], 1),
             "write_s": counts["finalize_write_seconds"]}
@@ -190,16 +149,18 @@ def main() -> None:
     print(f"\nfinalize on {args.cpus} CPUs, block_size {args.block_size}, dup rate {args.dup_rate}, "
           f"threshold {args.threshold}, num_perm {args.num_perm}")
     print(f"{'N':>9} {'wall s':>8} {'x':>6} {'(x N)':>6} {'rows/s':>8} {'dups':>7} {'RSS MB':>7} {'x':>5} "
-          f"{'USS MB':>7} {'x':>5} {'writer MB':>10} {'resolve MB':>11} {'build s':>8}")
+          f"{'anon MB':>7} {'x':>5} {'writer MB':>10} {'resolve MB':>11} {'build s':>8}")
     for r in results:
         print(f"{r['n']:>9} {r['wall_s']:>8} {r['wall_s'] / base['wall_s']:>6.2f} {r['n'] / base['n']:>6.0f} "
               f"{r['rows_per_s']:>8} {r['duplicates']:>7} {r['worker_peak_mb']:>7} "
-              f"{r['worker_peak_mb'] / max(base['worker_peak_mb'], 1e-9):>5.2f} {r['worker_peak_uss_mb']:>7} "
-              f"{r['worker_peak_uss_mb'] / max(base['worker_peak_uss_mb'], 1e-9):>5.2f} {r['writer_peak_mb']:>10} "
+              f"{r['worker_peak_mb'] / max(base['worker_peak_mb'], 1e-9):>5.2f} {r['worker_peak_anon_mb']:>7} "
+              f"{r['worker_peak_anon_mb'] / max(base['worker_peak_anon_mb'], 1e-9):>5.2f} {r['writer_peak_mb']:>10} "
               f"{r['resolve_peak_mb']:>11} {r['build_s']:>8}")
-    print("\npeak RSS / USS MB by Ray worker process title, at the largest N:")
-    for title, (rss, uss) in sorted(results[-1]["by_process"].items(), key=lambda kv: -kv[1][0]):
-        print(f"  {rss:>6} / {uss:>6}  {title[:100]}")
+    print("\npeak RSS / anon / shmem MB by Ray worker process title, at each N:")
+    for r in results:
+        print(f" N={r['n']}")
+        for title, (rss, anon, shm) in sorted(r["by_process"].items(), key=lambda kv: -kv[1][0]):
+            print(f"  {rss:>6} / {anon:>6} / {shm:>6}  {title[:100]}")
 
 
 if __name__ == "__main__":

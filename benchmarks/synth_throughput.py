@@ -40,6 +40,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
+from _procs import ProcSampler  # noqa: E402 - benchmarks/ is this script's sys.path[0]
+
 
 def tiny_model(path: str | None) -> Path:
     if path:
@@ -92,72 +94,6 @@ def bare_stage(cfg, root: str, asynchronous: bool):
                     representation_uri=root, seed_column="draft_seed", asynchronous=asynchronous)
 
 
-def _sample_cpu(path: str, period: float, stop) -> None:
-    """The sampler process: (time, {pid: [title, cpu seconds]}) per line of `path` until `stop` is set."""
-    import psutil
-
-    me = os.getpid()
-    with open(path, "w") as f:
-        while not stop.is_set():
-            now, seen = time.time(), {}
-            for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
-                try:
-                    if p.pid != me:
-                        t = p.info["cpu_times"]
-                        seen[p.pid] = [" ".join((p.info["cmdline"] or [p.info["name"] or "?"])[:1]), t.user + t.system]
-                except Exception:  # noqa: BLE001 - a process that ended while it was read
-                    pass
-            f.write(json.dumps([now, seen]) + "\n")
-            f.flush()
-            stop.wait(period)
-
-
-class CpuSampler:
-    """CPU time of every process on the machine, sampled every `period` s by a process of its own
-    (a thread here would take the GIL from the bare loops' engine frontend), so that the cores each
-    part of a run used in a time window can be told apart afterwards (`cores`). On 2 shared cores the
-    plan and the bare loop split the same CPU: what Ray's runtime, the driver and the writer use is
-    taken from the engine."""
-
-    def __init__(self, period: float = 0.5):
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self.path = tempfile.mktemp(suffix=".cpu.jsonl")
-        self._stop = ctx.Event()
-        self.proc = ctx.Process(target=_sample_cpu, args=(self.path, period, self._stop), daemon=True)
-
-    def __enter__(self) -> "CpuSampler":
-        self.proc.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.proc.join(timeout=30)
-
-    def _samples(self) -> list:
-        lines = Path(self.path).read_text().splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}]")]
-
-    def cores(self, start: float, end: float, group) -> dict[str, float]:
-        """Cores used between the samples nearest `start` and `end`, by `group(pid, title)`. A process
-        is counted up to its last sample in the window (an engine core exits with its actor, right at
-        the end); one that started inside the window, from zero."""
-        samples = self._samples()
-        a = min(range(len(samples)), key=lambda i: abs(samples[i][0] - start))
-        b = min(range(len(samples)), key=lambda i: abs(samples[i][0] - end))
-        last: dict[str, tuple[str, float]] = {}
-        for _, seen in samples[a:b + 1]:
-            last.update(seen)
-        span = max(samples[b][0] - samples[a][0], 1e-9)
-        out: dict[str, float] = {}
-        for pid, (title, cpu) in last.items():
-            before = samples[a][1].get(pid, (title, 0.0))[1]
-            key = group(int(pid), title)
-            out[key] = out.get(key, 0.0) + (cpu - before) / span
-        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.005}
-
-
 def plan_group(bare_pids: set[int]):
     """Process groups of a plan run: the plan's engine, its stage actor, writer, driver, Ray itself."""
     me = os.getpid()
@@ -186,10 +122,8 @@ def bare_group(pid: int, title: str) -> str:
     return "engine (EngineCore + Worker)" if title.startswith("VLLM::") else "other"
 
 
-def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int, sampler: "CpuSampler | None" = None,
-              cpu: "dict | None" = None) -> float:
-    """samples/s of `stage` over seeds 0..n-1 in batches, `in_flight` batches at a time (with a
-    `sampler`, the cores each process group used during the loop go into `cpu`)."""
+def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int) -> tuple[float, float, float]:
+    """(samples/s, start, end) of `stage` over seeds 0..n-1 in batches, `in_flight` batches at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -203,9 +137,7 @@ def bare_loop(stage, run_seed: int, n: int, batch: int, in_flight: int, sampler:
         for _ in pool.map(stage, batches):
             pass
     t1 = time.time()
-    if sampler is not None and cpu is not None:
-        cpu.update(sampler.cores(t0, t1, bare_group))
-    return n / (t1 - t0)
+    return n / (t1 - t0), t0, t1
 
 
 def throughput(args) -> None:
@@ -230,13 +162,17 @@ def throughput(args) -> None:
     cpu: dict = {}  # (what, batch) -> cores by process group, in the first bare loops and the plans
 
     def bare_all(sampler=None) -> dict:
-        return {(kind, b): bare_loop(stage, 0, sizes[b], b, args.in_flight if kind == "async" else 1, sampler,
-                                     cpu.setdefault((kind, b), {}) if sampler else None)
-                for kind, stage in stages.items() for b in args.batch}
+        rates = {}
+        for kind, stage in stages.items():
+            for b in args.batch:
+                rates[kind, b], t0, t1 = bare_loop(stage, 0, sizes[b], b, args.in_flight if kind == "async" else 1)
+                if sampler is not None:
+                    cpu[kind, b] = sampler.cores(t0, t1, bare_group)
+        return rates
 
     import psutil
 
-    with CpuSampler() as sampler:
+    with ProcSampler() as sampler:
         before = bare_all(sampler)
         bare_pids = {p.pid for p in psutil.Process().children(recursive=True)} - {sampler.proc.pid}  # bare engines
         ensure_ray(num_cpus=args.ray_cpus)
