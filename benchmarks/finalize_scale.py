@@ -110,8 +110,8 @@ def run_one(n: int, args, tmp: str) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     return {"n": n, "build_s": round(build, 1), "wall_s": round(wall, 1), "rows_per_s": round(n / wall),
             "duplicates": counts["reject_reasons"]["duplicate"], "matches": counts["dedup_matches"],
-            **_worker_peaks(sampler.peaks(lambda title: title.startswith("ray::"))), "writer_peak_mb": counts["peak_rss_mb"]["write"],
-            "resolve_peak_mb": counts["peak_rss_mb"]["resolve"], "blocks": total,
+            **_worker_peaks(sampler.peaks(lambda title: title.startswith("ray::"))),
+            "writer_peak_mb": counts["peak_rss_mb"]["write"], "resolve_peak_mb": counts["peak_rss_mb"]["resolve"], "blocks": total,
             "dedup_s": round(counts["finalize_seconds"] - counts["finalize_write_seconds"], 1),
             "write_s": counts["finalize_write_seconds"]}
 
