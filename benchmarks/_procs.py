@@ -15,7 +15,6 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 _STATUS_FIELDS = {"VmRSS:": 0, "RssAnon:": 1, "RssShmem:": 2}
@@ -64,6 +63,7 @@ class ProcSampler:
         fd, self.path = tempfile.mkstemp(suffix=".procs.jsonl")
         os.close(fd)
         self._stop = ctx.Event()
+        self._read, self._offset = [], 0  # samples parsed so far, and the bytes of the file they came from
         self.proc = ctx.Process(target=_sample, args=(self.path, period, self._stop, root), daemon=True)
 
     def __enter__(self) -> "ProcSampler":
@@ -75,8 +75,14 @@ class ProcSampler:
         self.proc.join(timeout=30)
 
     def _samples(self) -> list:
-        lines = Path(self.path).read_text().splitlines()
-        return [json.loads(line) for line in lines if line.endswith("}]")]  # the last line may be partial
+        """Every complete sample so far; only what the sampler appended since the last call is read."""
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            new = f.read()
+        done = new.rfind(b"\n") + 1  # the last line may still be being written
+        self._read += [json.loads(line) for line in new[:done].splitlines()]
+        self._offset += done
+        return self._read
 
     def cores(self, start: float, end: float, group: Callable[[int, str], str]) -> dict[str, float]:
         """Cores used between the samples nearest `start` and `end`, by `group(pid, title)`. A process

@@ -89,6 +89,10 @@ class LLMStage:
         RepresentationMismatch: D does not fit the engine's model (H or backbone).
     """
 
+    # class defaults, so that shutdown and __del__ hold for an instance whose __init__ raised early
+    _loop: Optional["_LoopThread"] = None
+    _shut = True  # no engine to stop until __init__ has built one
+
     def __init__(self, engine_cfg: Any, backbone_cfg: Any, sampling: dict, input_column: str, output_column: str,
                  chat: bool = False, representation_uri: Optional[str] = None, storage_cfg: Optional[dict] = None,
                  seed_column: Optional[str] = None, prefix: str = "", asynchronous: bool = True):
@@ -111,7 +115,6 @@ class LLMStage:
         self.engine_lock = threading.Lock()  # a synchronous engine serves one batch at a time
         self._counters = threading.RLock()
         self._domain_inputs: Optional[tuple[PreparedRequest, dict]] = None  # [D ; tokens(prefix)], built once
-        self._loop: Optional[_LoopThread] = None
         soft_prompt, storage = representation_uri is not None, _storage(storage_cfg)
         if asynchronous and select_engine_kind(engine_cfg.kind, backbone_cfg.device)[0] == "vllm":
             # AsyncLLM binds to the loop it is built on: build it there, and await it only there.
@@ -177,7 +180,7 @@ class LLMStage:
 
     def shutdown(self) -> None:
         """Stop the engine (and the async engine's loop); safe to call twice."""
-        if getattr(self, "_shut", True):
+        if self._shut:
             return  # already shut down, or __init__ never got to an engine
         self._shut = True
         if self._loop is None:
@@ -193,8 +196,7 @@ class LLMStage:
         # Ray Data deletes the UDF when its actor exits gracefully (MapWorker.__ray_shutdown__). Stopping
         # the async engine here cancels vLLM's output handler before its engine core goes; otherwise the
         # handler finds the core dead and logs an ERROR traceback at the end of every successful run.
-        loop = getattr(self, "_loop", None)  # absent when __init__ failed early
-        if sys.is_finalizing() or (loop is not None and loop.thread is threading.current_thread()):
+        if sys.is_finalizing() or (self._loop is not None and self._loop.thread is threading.current_thread()):
             return  # a frozen daemon thread, or the loop itself: the engine core exits with this process
         try:
             self.shutdown()
